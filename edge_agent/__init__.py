@@ -1,0 +1,1 @@
+"""PoS-BFL edge agent: the device program (bfl-agent)."""

@@ -1,0 +1,163 @@
+"""Model evaluation with ONNX Runtime (onnx + onnxruntime + numpy; no torch).
+
+Validators evaluate A(G_{j-1}) and A(L_j^w) on their own test split without PyTorch.
+The ONNX graph of each architecture is built with ``onnx.helper`` and takes the
+WEIGHTS AS GRAPH INPUTS, so one InferenceSession per architecture serves every model:
+a model is evaluated by feeding its parameter arrays next to the images.
+:func:`export_onnx` instead bakes a model's parameters in as initializers, giving a
+self-contained file for deploying a global model.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .arch import check_params, param_shapes
+
+__all__ = ["Evaluator", "build_graph", "export_onnx", "OPSET", "IR_VERSION"]
+
+OPSET = 17
+IR_VERSION = 8  # the IR version introduced with opset 17; widely supported by onnxruntime
+
+
+def _nodes(arch: str) -> list:
+    from onnx import helper
+
+    n = helper.make_node
+    if arch == "mlp":
+        return [
+            n("Flatten", ["x"], ["h0"], axis=1),
+            n("Gemm", ["h0", "fc1.weight", "fc1.bias"], ["z1"], transB=1),
+            n("Relu", ["z1"], ["h1"]),
+            n("Gemm", ["h1", "fc2.weight", "fc2.bias"], ["z2"], transB=1),
+            n("Relu", ["z2"], ["h2"]),
+            n("Gemm", ["h2", "fc3.weight", "fc3.bias"], ["logits"], transB=1),
+        ]
+    if arch == "cnn":
+        return [
+            n("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"],
+              kernel_shape=[5, 5], pads=[2, 2, 2, 2], strides=[1, 1]),
+            n("Relu", ["c1"], ["r1"]),
+            n("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+            n("Conv", ["p1", "conv2.weight", "conv2.bias"], ["c2"],
+              kernel_shape=[5, 5], pads=[2, 2, 2, 2], strides=[1, 1]),
+            n("Relu", ["c2"], ["r2"]),
+            n("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+            n("Flatten", ["p2"], ["f"], axis=1),  # NCHW order, as torch.flatten
+            n("Gemm", ["f", "fc1.weight", "fc1.bias"], ["z1"], transB=1),
+            n("Relu", ["z1"], ["h1"]),
+            n("Gemm", ["h1", "fc2.weight", "fc2.bias"], ["logits"], transB=1),
+        ]
+    raise ValueError(f"unknown architecture {arch!r}")
+
+
+def build_graph(arch: str, params: dict[str, np.ndarray] | None = None):
+    """The ONNX ModelProto of ``arch``.
+
+    Without ``params`` every weight is a graph input (shared-session evaluation);
+    with ``params`` the weights are initializers (self-contained export).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    shapes = param_shapes(arch)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 28, 28])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    inputs = [x]
+    initializers = []
+    if params is None:
+        inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(s)) for k, s in shapes]
+    else:
+        check_params(arch, params)
+        initializers = [numpy_helper.from_array(np.ascontiguousarray(params[k]), k) for k, _ in shapes]
+    graph = helper.make_graph(_nodes(arch), f"posbfl_{arch}", inputs, [logits], initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="posbfl-testbed",
+    )
+    model.ir_version = IR_VERSION
+    return model
+
+
+class Evaluator:
+    """Evaluates ``arch`` models on ONNX Runtime with one lazily created, shared session."""
+
+    def __init__(self, arch: str, threads: int = 1):
+        param_shapes(arch)  # validates the name
+        self.arch = arch
+        self.threads = int(threads)
+        self._session = None
+        self._lock = threading.Lock()
+
+    @property
+    def session(self):
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    import onnxruntime as ort
+
+                    opts = ort.SessionOptions()
+                    opts.intra_op_num_threads = self.threads
+                    opts.inter_op_num_threads = 1
+                    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+                    opts.log_severity_level = 3
+                    model = build_graph(self.arch).SerializeToString()
+                    self._session = ort.InferenceSession(
+                        model, sess_options=opts, providers=["CPUExecutionProvider"]
+                    )
+        return self._session
+
+    def _feeds(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_params(self.arch, params)
+        return {k: np.ascontiguousarray(params[k]) for k, _ in param_shapes(self.arch)}
+
+    @staticmethod
+    def _images(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[:, None]
+        if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
+            raise ValueError(f"expected images [n, 1, 28, 28], got shape {x.shape}")
+        return x
+
+    def predict(self, params: dict[str, np.ndarray], x: np.ndarray, batch: int = 500) -> np.ndarray:
+        """Logits float32 [n, 10] of the model ``params`` on normalised images ``x``."""
+        feeds = self._feeds(params)
+        x = self._images(x)
+        out = []
+        for i in range(0, len(x), batch):
+            feeds["x"] = np.ascontiguousarray(x[i : i + batch])
+            out.append(self.session.run(["logits"], feeds)[0])
+        return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
+
+    def accuracy_bp(self, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+                    batch: int = 500) -> int:
+        """Accuracy in basis points, ``correct * 10000 // n`` (integer, 0..10000)."""
+        y = np.asarray(y).reshape(-1)
+        if len(y) == 0:
+            raise ValueError("cannot measure accuracy on an empty test set")
+        if len(y) != len(x):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        feeds = self._feeds(params)
+        x = self._images(x)
+        correct = 0
+        for i in range(0, len(x), batch):
+            feeds["x"] = np.ascontiguousarray(x[i : i + batch])
+            logits = self.session.run(["logits"], feeds)[0]
+            correct += int((logits.argmax(axis=1) == y[i : i + batch]).sum())
+        return correct * 10000 // len(y)
+
+
+def export_onnx(arch: str, params: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Write a self-contained ONNX model (params as initializers), input "x", output "logits"."""
+    import onnx
+
+    model = build_graph(arch, params)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path

@@ -1,0 +1,128 @@
+"""Local training with PyTorch: the ONLY module of the testbed that imports torch.
+
+Workers train the current global model on their partition with plain mini-batch SGD
+(no momentum, no weight decay) and cross-entropy, as FedAvg's ClientUpdate
+(McMahan et al. 2017). Parameters cross this boundary as float32 numpy dicts whose
+names and shapes are those of ``edge_agent.ml.arch.param_shapes``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import check_params, param_shapes
+
+__all__ = ["CNN", "MLP", "build_model", "torch_accuracy_bp", "torch_predict", "train_local"]
+
+
+class MLP(nn.Module):
+    """FedAvg 2NN: 784-200-200-10 with ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 200)
+        self.fc2 = nn.Linear(200, 200)
+        self.fc3 = nn.Linear(200, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class CNN(nn.Module):
+    """FedAvg MNIST CNN: two 5x5 conv layers (32, 64 channels) with 2x2 max pooling, fc 512, fc 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.fc1 = nn.Linear(64 * 7 * 7, 512)
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        return self.fc2(x)
+
+
+_MODELS = {"mlp": MLP, "cnn": CNN}
+
+
+def build_model(arch: str) -> nn.Module:
+    """A fresh torch module for ``arch`` (its state_dict matches arch.param_shapes)."""
+    param_shapes(arch)  # validates the name
+    return _MODELS[arch]()
+
+
+def _load(arch: str, params: dict[str, np.ndarray]) -> nn.Module:
+    check_params(arch, params)
+    model = build_model(arch)
+    state = {k: torch.from_numpy(np.array(params[k], dtype=np.float32, copy=True)) for k, _ in
+             param_shapes(arch)}
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _export(model: nn.Module, arch: str) -> dict[str, np.ndarray]:
+    state = model.state_dict()
+    return {k: np.ascontiguousarray(state[k].detach().cpu().numpy(), dtype=np.float32).copy()
+            for k, _ in param_shapes(arch)}
+
+
+def train_local(
+    arch: str,
+    params: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    threads: int = 1,
+) -> dict[str, np.ndarray]:
+    """``epochs`` passes of plain SGD on (x, y) starting from ``params``; returns new params.
+
+    Each epoch visits the samples in an order drawn from a ``torch.Generator`` seeded with
+    ``seed``, so the same inputs and seed give bit-identical results on one machine.
+    """
+    torch.set_num_threads(int(threads))
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"need the same non-zero number of images and labels, got {len(x)}, {len(y)}")
+    model = _load(arch, params)
+    model.train()
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    opt = torch.optim.SGD(model.parameters(), lr=float(lr), momentum=0.0, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(int(seed))
+    n = len(xt)
+    for _ in range(int(epochs)):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, int(batch_size)):
+            idx = order[i : i + int(batch_size)]
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+    return _export(model, arch)
+
+
+@torch.no_grad()
+def torch_predict(arch: str, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Logits float32 [n, 10] computed by the torch module (for cross-checks)."""
+    model = _load(arch, params).eval()
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
+    return model(xt).numpy()
+
+
+def torch_accuracy_bp(arch: str, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> int:
+    """Accuracy in basis points (``correct * 10000 // n``) computed with torch."""
+    y = np.asarray(y).reshape(-1)
+    correct = int((torch_predict(arch, params, x).argmax(axis=1) == y).sum())
+    return correct * 10000 // len(y)

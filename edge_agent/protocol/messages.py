@@ -1,0 +1,167 @@
+"""Signed messages and the MQTT topic layout.
+
+Every protocol message is an envelope ``{"body": {...}, "sig": hex}`` whose signature is
+Ed25519 over the RFC 8785 bytes of ``body``. A body always carries ``run``, ``kind``,
+``round`` and ``sender``; its id is the SHA-256 of those canonical bytes.
+
+Topics (one subtree per kind; the publishing device's id is its own level so a broker ACL
+can confine each device to its own subtrees, see ``broker/mosquitto.py``)::
+
+    bfl/v1/devices/<device>/hello      retained  signed announcement: public key, capabilities
+    bfl/v1/devices/<device>/status     retained  online / offline (last will)
+    bfl/v1/<run>/genesis               retained  signed by the operator, block 0
+    bfl/v1/<run>/cmd/<device>          retained  signed by the operator (fault injection)
+    bfl/v1/<run>/ack/<device>                    device acknowledges a command
+    bfl/v1/<run>/wtx/<device>                    worker transaction (Section 5.3.1)
+    bfl/v1/<run>/blob/<device>/<sha256>          safetensors model bytes, content-addressed
+    bfl/v1/<run>/vtx/<device>                    validator transaction (votes, Algorithm 1)
+    bfl/v1/<run>/block/<device>                  a miner's candidate block
+    bfl/v1/<run>/sync/<device>                   request for missing blobs (pull)
+    bfl/v1/<run>/head/<device>         retained  the device's chain head
+    bfl/v1/<run>/report/<device>                 accuracy of G_j on the device's test split
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .canonical import CanonicalError, canonical_bytes, parse
+from .crypto import KeyPair, sha256_hex, verify
+
+PREFIX = "bfl/v1"
+
+# Kinds published under a run, each by the device named in the topic.
+RUN_KINDS = ("wtx", "vtx", "block", "blob", "sync", "head", "report", "ack")
+OPERATOR_KINDS = ("genesis", "cmd")
+
+MAX_JSON_BYTES = 1 << 20  # blocks embed every transaction of a round; well under this
+DEFAULT_MAX_BLOB_BYTES = 64 << 20
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def valid_id(name: str) -> bool:
+    """Device and run ids: safe as one MQTT topic level and as a file name."""
+    return bool(_ID_RE.match(name)) and name not in (".", "..")
+
+
+def valid_hash(h: Any) -> bool:
+    return isinstance(h, str) and bool(_HASH_RE.match(h))
+
+
+class Drop(Exception):
+    """A received message is dropped; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Envelope:
+    body: dict
+    sig: str
+    id: str  # sha256 of canonical(body)
+
+    @property
+    def kind(self) -> str:
+        return self.body["kind"]
+
+    @property
+    def sender(self) -> str:
+        return self.body["sender"]
+
+    @property
+    def round(self) -> int:
+        return self.body["round"]
+
+    def to_json(self) -> dict:
+        return {"body": self.body, "sig": self.sig}
+
+    def payload(self) -> bytes:
+        return canonical_bytes(self.to_json())
+
+
+def sign(key: KeyPair, body: dict) -> Envelope:
+    data = canonical_bytes(body)
+    return Envelope(body=body, sig=key.sign(data), id=sha256_hex(data))
+
+
+def decode(payload: bytes, max_bytes: int = MAX_JSON_BYTES) -> Envelope:
+    """Parse an envelope and check its shape (not its signature)."""
+    if len(payload) > max_bytes:
+        raise Drop("too_large", f"{len(payload)} bytes")
+    try:
+        obj = parse(payload)
+    except CanonicalError as exc:
+        raise Drop("malformed", str(exc)) from None
+    return from_json(obj)
+
+
+def from_json(obj: Any) -> Envelope:
+    if not isinstance(obj, dict) or set(obj) != {"body", "sig"}:
+        raise Drop("malformed", "envelope must be {body, sig}")
+    body, sig = obj["body"], obj["sig"]
+    if not isinstance(body, dict) or not isinstance(sig, str):
+        raise Drop("malformed", "bad body or sig")
+    for field, typ in (("run", str), ("kind", str), ("sender", str), ("round", int)):
+        if not isinstance(body.get(field), typ) or isinstance(body.get(field), bool):
+            raise Drop("malformed", f"body.{field} missing or not {typ.__name__}")
+    if body["round"] < 0:
+        raise Drop("malformed", "negative round")
+    try:
+        data = canonical_bytes(body)
+    except CanonicalError as exc:
+        raise Drop("malformed", str(exc)) from None
+    return Envelope(body=body, sig=sig, id=sha256_hex(data))
+
+
+def check_signature(env: Envelope, public_hex: str) -> None:
+    if not verify(public_hex, canonical_bytes(env.body), env.sig):
+        raise Drop("bad_signature", f"{env.kind} from {env.sender}")
+
+
+# ---- topics -------------------------------------------------------------------------
+
+
+def topic(run: str, kind: str, device: str | None = None, extra: str | None = None) -> str:
+    parts = [PREFIX, run, kind]
+    if device is not None:
+        parts.append(device)
+    if extra is not None:
+        parts.append(extra)
+    return "/".join(parts)
+
+
+def device_topic(device: str, kind: str) -> str:
+    return f"{PREFIX}/devices/{device}/{kind}"
+
+
+@dataclass(frozen=True)
+class Topic:
+    run: str | None  # None for bfl/v1/devices/...
+    kind: str
+    device: str | None
+    extra: str | None = None
+
+
+def parse_topic(name: str) -> Topic:
+    parts = name.split("/")
+    if len(parts) < 3 or "/".join(parts[:2]) != PREFIX:
+        raise Drop("bad_topic", name)
+    if parts[2] == "devices":
+        if len(parts) != 5 or not valid_id(parts[3]):
+            raise Drop("bad_topic", name)
+        return Topic(None, parts[4], parts[3])
+    run, kind = parts[2], parts[3] if len(parts) > 3 else ""
+    if kind == "genesis" and len(parts) == 4:
+        return Topic(run, kind, None)
+    if kind in RUN_KINDS + ("cmd",) and len(parts) == 5 and valid_id(parts[4]):
+        return Topic(run, kind, parts[4])
+    if kind == "blob" and len(parts) == 6 and valid_id(parts[4]) and valid_hash(parts[5]):
+        return Topic(run, kind, parts[4], parts[5])
+    raise Drop("bad_topic", name)

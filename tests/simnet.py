@@ -1,0 +1,147 @@
+"""An in-memory network for the sans-io Node: the round logic without a broker.
+
+The "model" is a vector; training moves it towards a target, the Gaussian attack adds
+N(0, 1) noise, accuracy falls with the distance to the target. Messages, signatures,
+blobs (real safetensors bytes), FedAvg and the ledger are the real ones.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from edge_agent.protocol import node as nd
+from edge_agent.protocol.crypto import KeyPair, sha256_hex
+from edge_agent.protocol.genesis import Genesis, make_genesis_body
+from edge_agent.protocol.messages import sign, topic
+
+DIM = 16
+TARGET = np.linspace(-1, 1, DIM).astype(np.float32)
+
+
+def blob_of(vec: np.ndarray) -> bytes:
+    return st_save({"w": np.ascontiguousarray(vec, dtype=np.float32)})
+
+
+def vec_of(data: bytes) -> np.ndarray:
+    return st_load(data)["w"]
+
+
+def accuracy_bp(vec: np.ndarray) -> int:
+    return max(0, 9000 - int(2000 * float(np.linalg.norm(vec - TARGET))))
+
+
+def make_run(n=8, roles=(4, 2, 2), rounds=3, run="r1", **hp):
+    op = KeyPair.generate()
+    keys = {f"d{i:02d}": KeyPair.generate() for i in range(n)}
+    init = blob_of(np.zeros(DIM, np.float32))
+    body = make_genesis_body(
+        run=run,
+        operator=op.public_hex,
+        devices={d: {"pubkey": k.public_hex} for d, k in keys.items()},
+        roles=roles,
+        rounds=rounds,
+        arch="mlp",
+        init_model=sha256_hex(init),
+        data={"dataset": "sim", "samples_per_device": 100, "n_devices": n},
+        deadlines_ms={"train": 10_000, "validate": 10_000, "mine": 10_000},
+        **hp,
+    )
+    genesis = Genesis(sign(op, body))
+    return genesis, keys, init
+
+
+class SimNet:
+    def __init__(self, n=8, roles=(4, 2, 2), rounds=3, malicious=(), silent=(), **hp):
+        self.genesis, self.keys, init = make_run(n, roles, rounds, **hp)
+        self.blobs = {sha256_hex(init): init}
+        self.nodes = {
+            d: nd.Node(d, k, self.genesis, have_blob=self.blobs.__contains__) for d, k in self.keys.items()
+        }
+        for d in malicious:
+            self.nodes[d].attack = {"name": "gaussian"}
+        self.silent = set(silent)
+        self.now = 0.0
+        self.queue: deque = deque()  # (device, event)
+        self.published: list[nd.Publish] = []
+        self.committed: dict[str, list] = {d: [] for d in self.nodes}
+        self.reports: list = []
+        self.tamper = None  # optional fn(Publish) -> Publish | None
+
+    def start(self):
+        for d, node in self.nodes.items():
+            if d not in self.silent:
+                self._do(d, node.start(self.now))
+
+    def _do(self, dev, actions):
+        for a in actions:
+            if isinstance(a, nd.Publish):
+                if self.tamper:
+                    a = self.tamper(dev, a)
+                    if a is None:
+                        continue
+                self.published.append(a)
+                for other in self.nodes:
+                    if other not in self.silent:
+                        self.queue.append((other, nd.Received(a.topic, a.payload)))
+            elif isinstance(a, nd.StoreBlob):
+                self.blobs[a.hash] = a.data
+            elif isinstance(a, nd.Train):
+                base = vec_of(self.blobs[a.base_model])
+                rng = np.random.default_rng(a.seed)
+                new = base + 0.5 * (TARGET - base) + rng.normal(0, 0.01, DIM).astype(np.float32)
+                if a.attack:
+                    new = new + rng.normal(0, 1.0, DIM).astype(np.float32)
+                self.queue.append((dev, nd.TrainingDone(a.round, blob_of(new))))
+            elif isinstance(a, nd.Evaluate):
+                res = {h: accuracy_bp(vec_of(self.blobs[h])) for h in a.models}
+                g = accuracy_bp(vec_of(self.blobs[a.base_model]))
+                self.queue.append((dev, nd.EvaluationDone(a.round, g, g, res)))
+            elif isinstance(a, nd.Aggregate):
+                missing = tuple(h for h, _ in a.inputs if h not in self.blobs)
+                if missing:
+                    self.queue.append((dev, nd.AggregateDone(a.key, None, missing)))
+                    continue
+                total = sum(n for _, n in a.inputs)
+                acc = sum(vec_of(self.blobs[h]).astype(np.float64) * n for h, n in a.inputs) / total
+                data = blob_of(acc.astype(np.float32))
+                h = sha256_hex(data)
+                self.blobs[h] = data
+                self.queue.append((dev, nd.AggregateDone(a.key, h)))
+            elif isinstance(a, nd.CommitBlock):
+                self.committed[dev].append(a.block)
+            elif isinstance(a, nd.EvaluateGlobal):
+                self.queue.append((dev, nd.GlobalEvaluated(a.height, a.model_hash, accuracy_bp(vec_of(self.blobs[a.model_hash])))))
+            elif isinstance(a, nd.BlobRequestAnswer):
+                data = self.blobs[a.hash]
+                self._do(dev, [nd.Publish(topic(self.genesis.run, "blob", dev, a.hash), data)])
+            elif isinstance(a, nd.Finished):
+                pass
+
+    def deliver(self, dev, event):
+        self._do(dev, self.nodes[dev].handle(event, self.now))
+
+    def run(self, max_steps=100_000, advance_clock=1.0):
+        """Deliver events until every live node finished; advance the clock when idle."""
+        steps = 0
+        while steps < max_steps:
+            steps += 1
+            if self.queue:
+                dev, ev = self.queue.popleft()
+                if dev in self.silent:
+                    continue
+                if isinstance(ev, nd.GlobalEvaluated):
+                    self.reports.append((dev, ev))
+                self.deliver(dev, ev)
+                continue
+            live = [n for d, n in self.nodes.items() if d not in self.silent]
+            if all(n.finished for n in live):
+                return
+            self.now += advance_clock
+            for d, n in self.nodes.items():
+                if d not in self.silent:
+                    self._do(d, n.tick(self.now))
+        raise AssertionError("simulation did not finish")
