@@ -98,8 +98,9 @@ class SimNet:
                 self.queue.append((dev, nd.TrainingDone(a.round, blob_of(new))))
             elif isinstance(a, nd.Evaluate):
                 res = {h: accuracy_bp(vec_of(self.blobs[h])) for h in a.models}
+                loss = {h: int(1000 * float(np.sum((vec_of(self.blobs[h]) - TARGET) ** 2))) for h in a.models}
                 g = accuracy_bp(vec_of(self.blobs[a.base_model]))
-                self.queue.append((dev, nd.EvaluationDone(a.round, g, g, res)))
+                self.queue.append((dev, nd.EvaluationDone(a.round, g, g, res, loss)))
             elif isinstance(a, nd.Aggregate):
                 missing = tuple(h for h, _ in a.inputs if h not in self.blobs)
                 if missing:

@@ -150,6 +150,20 @@ class Evaluator:
             correct += int((logits.argmax(axis=1) == y[i : i + batch]).sum())
         return correct * 10000 // len(y)
 
+    def scores(self, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[int, int]:
+        """(accuracy in basis points, mean cross-entropy in milli-nats, capped at 1e9).
+
+        Both integers, so they can go into signed validator transactions.
+        """
+        y = np.asarray(y).reshape(-1)
+        if len(y) == 0 or len(y) != len(x):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        z = self.predict(params, x).astype(np.float64)
+        acc = int((z.argmax(axis=1) == y).sum()) * 10000 // len(y)
+        z -= z.max(axis=1, keepdims=True)
+        loss = float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+        return acc, int(min(loss * 1000, 1e9)) if np.isfinite(loss) else 10**9
+
 
 def export_onnx(arch: str, params: dict[str, np.ndarray], path: str | Path) -> Path:
     """Write a self-contained ONNX model (params as initializers), input "x", output "logits"."""

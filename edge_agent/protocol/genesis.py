@@ -101,6 +101,7 @@ def make_genesis_body(
     arch: str,
     init_model: str,
     data: dict,
+    init_seed: int = 0,
     lr_e6: int = 10_000,
     batch_size: int = 10,
     local_epochs: int = 5,
@@ -108,6 +109,7 @@ def make_genesis_body(
     unit_reward: int = 1,
     knockout: int = 3,
     vote_ref: str = "median",
+    loss_guard: int = 10,
     deadlines_ms: dict[str, int] | None = None,
     protocol: str = "pos-bfl",
     created: str = "",
@@ -123,7 +125,7 @@ def make_genesis_body(
         "devices": devices,
         "roles": list(roles),
         "rounds": rounds,
-        "model": {"arch": arch, "init": init_model},
+        "model": {"arch": arch, "init": init_model, "init_seed": init_seed},
         "data": data,
         "hp": {
             "lr_e6": lr_e6,
@@ -133,6 +135,7 @@ def make_genesis_body(
             "unit_reward": unit_reward,
             "knockout": knockout,
             "vote_ref": vote_ref,
+            "loss_guard": loss_guard,
         },
         "deadlines_ms": deadlines_ms
         or {"train": 900_000, "validate": 300_000, "mine": 120_000},
@@ -164,7 +167,7 @@ def check_genesis_body(body: dict) -> None:
         need(isinstance(body["rounds"], int) and body["rounds"] >= 1, "rounds")
         need(valid_hash(body["model"]["init"]), "model.init hash")
         hp = body["hp"]
-        for key in ("lr_e6", "batch_size", "local_epochs", "vh_bp", "unit_reward", "knockout"):
+        for key in ("lr_e6", "batch_size", "local_epochs", "vh_bp", "unit_reward", "knockout", "loss_guard"):
             need(isinstance(hp[key], int) and hp[key] >= 0, f"hp.{key}")
         need(hp["vote_ref"] in VOTE_REFERENCES, "hp.vote_ref")
         for key in ("train", "validate", "mine"):

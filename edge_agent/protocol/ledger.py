@@ -137,6 +137,7 @@ def check_tx(genesis: Genesis, state: State, env: Envelope, roles: Roles) -> Non
                 and isinstance(v.get("positive"), bool)
                 and isinstance(v.get("local_bp"), int)
                 and isinstance(v.get("ref_bp"), int)
+                and isinstance(v.get("loss_milli", 0), int)
             ):
                 raise Drop("malformed", "vtx vote")
             if v["wtx"] in seen or v["wtx"] not in verified:

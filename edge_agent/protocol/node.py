@@ -92,6 +92,7 @@ class EvaluationDone:
     global_bp: int  # A^v(G_{j-1})
     trained_bp: int | None  # A^v of the validator's own one-epoch G_{j-1} (vote_ref=trained)
     local_bp: dict[str, int]  # model hash -> A^v(L_j^w); 0 for an undecodable blob
+    local_loss: dict[str, int] = field(default_factory=dict)  # model hash -> milli-nats
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class GlobalEvaluated:
     height: int
     model_hash: str
     acc_bp: int
+    extra: dict = field(default_factory=dict)  # integer timings etc. from the shell
 
 
 # ---- actions --------------------------------------------------------------------------
@@ -472,21 +474,26 @@ class Node:
         wtxs = sorted(ctx.wtxs.values(), key=lambda e: e.sender)
         voted = [e for e in wtxs if e.body["model"] in ev.local_bp]
         votes = []
+        guard = self.genesis.hp.get("loss_guard", 0)
         if voted:
             ref = voting.reference_bp(mode, ev.global_bp, ev.trained_bp, [ev.local_bp[e.body["model"]] for e in voted])
-            for e in voted:
+            losses = [ev.local_loss.get(e.body["model"], 10**9) for e in voted]
+            med_loss = voting.median_bp(losses)
+            for e, loss in zip(voted, losses):
                 acc = ev.local_bp[e.body["model"]]
+                positive = voting.vote(ref, acc, vh) and voting.loss_guard_ok(loss, med_loss, guard)
                 votes.append(
                     {
                         "wtx": e.id,
                         "worker": e.sender,
                         "model": e.body["model"],
-                        "positive": voting.vote(ref, acc, vh),
+                        "positive": positive,
                         "local_bp": acc,
                         "ref_bp": ref,
+                        "loss_milli": loss,
                     }
                 )
-        if self.attack and self.attack.get("invert_votes"):
+        if self.attack and self.attack.get("name") == "invert_votes":
             for v in votes:
                 v["positive"] = not v["positive"]
         env = sign(self.key, make_vtx(self.genesis, self.state, self.me, [e.id for e in wtxs], votes))
@@ -634,6 +641,7 @@ class Node:
             "acc_bp": ev.acc_bp,
             "stake": self.state.stake(self.me),
             "drops": dict(sorted(self.drops.items())),
+            "extra": {k: v for k, v in ev.extra.items() if isinstance(v, int)},
         }
         env = sign(self.key, body)
         return [Publish(topic(self.run, "report", self.me), env.payload())]

@@ -1,0 +1,294 @@
+"""The device program: joins runs announced by the operator and drives a Node over MQTT.
+
+One protocol thread owns the Node; paho's network thread only queues messages; one task
+thread runs training / evaluation / aggregation and queues the results back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .ml.blobs import BlobStore
+from .protocol import node as nd
+from .protocol.crypto import KeyPair
+from .protocol.genesis import CAPABILITIES, Genesis, load_genesis
+from .protocol.messages import (
+    PREFIX,
+    Drop,
+    check_signature,
+    decode,
+    device_topic,
+    parse_topic,
+    sign,
+    topic,
+)
+from .runtime import Runtime
+from .store import ChainStore
+from .transport import Incoming, Mqtt
+
+log = logging.getLogger("bfl.agent")
+
+TICK_S = 0.25
+
+
+def default_capabilities() -> list[str]:
+    """A device without torch can validate and mine but not train."""
+    import importlib.util
+
+    caps = ["validate", "mine"]
+    if importlib.util.find_spec("torch") is not None:
+        caps.insert(0, "train")
+    return caps
+
+
+class Agent:
+    def __init__(
+        self,
+        device_id: str,
+        key: KeyPair,
+        broker_url: str,
+        workdir: str | Path,
+        *,
+        operator_pubkey: str | None,
+        data_dir: str | Path | None = None,
+        run: str | None = None,
+        exit_after_run: bool = False,
+        threads: int = 1,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        capabilities: list[str] | None = None,
+    ):
+        self.me = device_id
+        self.key = key
+        self.workdir = Path(workdir)
+        self.operator = operator_pubkey
+        self.data_dir = data_dir
+        self.want_run = run
+        self.exit_after_run = exit_after_run
+        self.threads = threads
+        self.caps = capabilities or default_capabilities()
+        assert all(c in CAPABILITIES for c in self.caps)
+        self.blobs = BlobStore(self.workdir / "blobs")
+        offline = self._signed_status("offline")
+        self.mqtt = Mqtt(
+            broker_url,
+            client_id=f"bfl-{device_id}",
+            username=username or device_id,
+            password=password,
+            ca_file=ca_file,
+            will=(device_topic(device_id, "status"), offline),
+        )
+        self.events: queue.Queue = queue.Queue()
+        self.tasks = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{device_id}-task")
+        self.node: nd.Node | None = None
+        self.runtime: Runtime | None = None
+        self.store: ChainStore | None = None
+        self.pending_cmds: dict[str, dict] = {}
+        self.drops: Counter[str] = Counter()
+        self.stopped = False
+
+    # -- announcements --
+
+    def _signed_status(self, state: str) -> bytes:
+        body = {"run": "devices", "kind": "status", "round": 0, "sender": self.me, "state": state}
+        return sign(self.key, body).payload()
+
+    def _hello(self) -> bytes:
+        body = {
+            "run": "devices",
+            "kind": "hello",
+            "round": 0,
+            "sender": self.me,
+            "pubkey": self.key.public_hex,
+            "caps": self.caps,
+            "time": int(time.time()),
+        }
+        return sign(self.key, body).payload()
+
+    # -- main loop --
+
+    def run_forever(self) -> None:
+        self.mqtt.subscribe(f"{PREFIX}/+/genesis", f"{PREFIX}/+/cmd/{self.me}")
+        self.mqtt.connect()
+        self.mqtt.publish(device_topic(self.me, "status"), self._signed_status("online"), retain=True)
+        self.mqtt.publish(device_topic(self.me, "hello"), self._hello(), retain=True)
+        log.info("%s: connected to %s, capabilities %s", self.me, self.mqtt.url, ",".join(self.caps))
+        try:
+            while not self.stopped:
+                self._step()
+        finally:
+            self.tasks.shutdown(wait=False, cancel_futures=True)
+            if self.exit_after_run:
+                self.mqtt.publish(device_topic(self.me, "status"), self._signed_status("offline"), retain=True, wait=5)
+            self.mqtt.close()
+
+    def _step(self) -> None:
+        deadline = time.monotonic() + TICK_S
+        while True:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            try:
+                item = self.mqtt.inbox.get(timeout=min(timeout, 0.05))
+                self._on_incoming(item)
+            except queue.Empty:
+                pass
+            while True:
+                try:
+                    ev = self.events.get_nowait()
+                except queue.Empty:
+                    break
+                if self.node is not None:
+                    self._execute(self.node.handle(ev, time.monotonic()))
+            if self.stopped:
+                return
+        if self.node is not None:
+            self._execute(self.node.tick(time.monotonic()))
+
+    def _on_incoming(self, msg: Incoming) -> None:
+        try:
+            tp = parse_topic(msg.topic)
+            if tp.kind == "genesis":
+                self._on_genesis(msg)
+            elif tp.kind == "cmd":
+                self._on_cmd(msg)
+            elif self.node is not None and tp.run == self.node.run:
+                self._execute(self.node.handle(nd.Received(msg.topic, msg.payload), time.monotonic()))
+            else:
+                raise Drop("wrong_run", msg.topic)
+        except Drop as exc:
+            self.drops[exc.reason] += 1
+            log.info("%s: dropped %s (%s)", self.me, msg.topic, exc)
+        except Exception as exc:  # never let one message take the device down
+            self.drops["internal_error"] += 1
+            log.exception("%s: error handling %s: %s", self.me, msg.topic, exc)
+
+    # -- joining a run --
+
+    def _on_genesis(self, msg: Incoming) -> None:
+        if not msg.payload:
+            return  # a cleared retained genesis
+        env = decode(msg.payload)
+        genesis = load_genesis(env, self.operator)
+        if self.want_run and genesis.run != self.want_run:
+            raise Drop("wrong_run", genesis.run)
+        if self.node is not None:
+            if self.node.run == genesis.run:
+                return
+            if not self.node.finished:
+                raise Drop("busy", f"already in run {self.node.run}")
+        if genesis.pubkey(self.me) != self.key.public_hex:
+            log.info("%s: not admitted to run %s", self.me, genesis.run)
+            return
+        self._join(genesis)
+
+    def _join(self, genesis: Genesis) -> None:
+        self.store = ChainStore(self.workdir / "runs", genesis.run)
+        self.store.save_genesis(genesis.env)
+        blocks = self.store.load_blocks()
+        self.runtime = Runtime(genesis, self.me, self.blobs, self.data_dir, self.threads)
+        self.runtime.ensure_initial_model()
+        _ = self.runtime.data  # load the shard now: a missing dataset fails at join, loudly
+        try:
+            self.node = nd.Node(self.me, self.key, genesis, blocks, have_blob=self.blobs.has)
+        except Exception as exc:  # a corrupt local chain: start over from the genesis
+            log.error("%s: local chain unusable (%s); starting from genesis", self.me, exc)
+            self.store.rewrite([])
+            self.node = nd.Node(self.me, self.key, genesis, [], have_blob=self.blobs.has)
+        cmd = self.pending_cmds.pop(genesis.run, None)
+        if cmd:
+            self.node.attack = cmd.get("attack")
+        run = genesis.run
+        self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync")))
+        log.info(
+            "%s: joined run %s at height %d (%d devices, roles %s)",
+            self.me,
+            run,
+            self.node.state.height,
+            len(genesis.devices),
+            genesis.roles,
+        )
+        self._execute(self.node.start(time.monotonic()))
+
+    def _on_cmd(self, msg: Incoming) -> None:
+        if not msg.payload:
+            return
+        env = decode(msg.payload)
+        if self.operator is None:
+            raise Drop("unknown_operator", "no operator key configured")
+        check_signature(env, self.operator)
+        if env.body.get("target") != self.me:
+            raise Drop("topic_mismatch", "command for another device")
+        run = env.body["run"]
+        if self.node is not None and self.node.run == run:
+            self.node.attack = env.body.get("attack")
+        else:
+            self.pending_cmds[run] = env.body
+        log.warning("%s: operator command for run %s: attack=%s", self.me, run, env.body.get("attack"))
+        ack = sign(self.key, {"run": run, "kind": "ack", "round": 0, "sender": self.me, "cmd": env.id})
+        self.mqtt.publish(topic(run, "ack", self.me), ack.payload())
+
+    # -- actions --
+
+    def _execute(self, actions: list) -> None:
+        for a in actions:
+            if isinstance(a, nd.Publish):
+                self.mqtt.publish(a.topic, a.payload, retain=a.retain)
+            elif isinstance(a, nd.StoreBlob):
+                self.blobs.put(a.data)
+            elif isinstance(a, (nd.Train, nd.Evaluate, nd.Aggregate, nd.EvaluateGlobal)):
+                runtime = self.runtime
+                fut = self.tasks.submit(runtime.run, a)
+                fut.add_done_callback(lambda f: self.events.put(self._with_timings(f.result())))
+            elif isinstance(a, nd.CommitBlock):
+                self.store.append(a.block)
+                log.info(
+                    "%s: appended block %d %s from %s (accepted %s, rejected %s)",
+                    self.me,
+                    a.state.height,
+                    a.block.id[:12],
+                    a.block.sender,
+                    ",".join(a.block.body["accepted"]) or "-",
+                    ",".join(a.block.body["rejected"]) or "-",
+                )
+            elif isinstance(a, nd.BlobRequestAnswer):
+                data = self.blobs.get(a.hash)
+                if data is not None:
+                    self.mqtt.publish(topic(self.node.run, "blob", self.me, a.hash), data)
+            elif isinstance(a, nd.Finished):
+                log.info("%s: run %s finished at height %d, stake %d", self.me, self.node.run, a.state.height, a.state.stake(self.me))
+                if self.exit_after_run:
+                    # let queued publishes (the last report) leave before stopping
+                    self._drain_then_stop()
+            else:
+                raise TypeError(f"unknown action {a!r}")
+
+    def _with_timings(self, ev):
+        if isinstance(ev, nd.GlobalEvaluated) and self.runtime is not None:
+            timings = self.runtime.take_timings()
+            timings["drops"] = sum(self.drops.values())
+            return nd.GlobalEvaluated(ev.height, ev.model_hash, ev.acc_bp, timings)
+        return ev
+
+    def _drain_then_stop(self) -> None:
+        # the last report comes from the GlobalEvaluated event of the final block
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                ev = self.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self.node is not None:
+                acts = self.node.handle(ev, time.monotonic())
+                for p in acts:
+                    if isinstance(p, nd.Publish):
+                        self.mqtt.publish(p.topic, p.payload, retain=p.retain, wait=10)
+                if isinstance(ev, nd.GlobalEvaluated):
+                    break
+        self.stopped = True

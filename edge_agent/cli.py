@@ -1,0 +1,111 @@
+"""`bfl-agent`: run a PoS-BFL device, or make its key."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .protocol.crypto import KeyPair, fingerprint
+from .protocol.messages import valid_id
+
+app = typer.Typer(add_completion=False, help="PoS-BFL edge agent (worker / validator / miner).", no_args_is_help=True)
+
+
+def fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def read_pubkey(value: str) -> str:
+    """A hex public key, or a file holding one."""
+    text = value.strip()
+    if len(text) != 64 and Path(text).is_file():
+        text = Path(text).read_text().strip()
+    try:
+        if len(bytes.fromhex(text)) == 32:
+            return text.lower()
+    except ValueError:
+        pass
+    fail(f"--operator-key {value!r}: expected 64 hex characters or a file holding them")
+    return ""
+
+
+@app.command()
+def keygen(out: Path = typer.Option(..., "--out", help="Where to write the device's secret key (mode 0600).")):
+    """Create a device key and print its public key (give that to the operator)."""
+    if out.exists():
+        fail(f"{out} exists; refusing to overwrite a key")
+    key = KeyPair.generate()
+    key.save(out)
+    typer.echo(key.public_hex)
+
+
+@app.command()
+def run(
+    device_id: str = typer.Option(..., "--id", envvar="BFL_DEVICE_ID", help="Device id, e.g. d07."),
+    key_file: Path = typer.Option(..., "--key", envvar="BFL_KEY", help="Ed25519 key file (bfl-agent keygen)."),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", envvar="BFL_BROKER", help="mqtt://HOST:PORT or mqtts://"),
+    operator_key: str = typer.Option(..., envvar="BFL_OPERATOR_KEY", help="The operator's public key (hex or file)."),
+    workdir: Path = typer.Option(Path("bfl-agent-data"), envvar="BFL_WORKDIR", help="Chain and blob storage."),
+    data_dir: Optional[Path] = typer.Option(None, envvar="BFL_DATA_DIR", help="Dataset directory (IDX files)."),
+    run_id: Optional[str] = typer.Option(None, "--run", envvar="BFL_RUN", help="Only join this run."),
+    exit_after_run: bool = typer.Option(False, help="Exit when the run's last round is done."),
+    threads: int = typer.Option(1, envvar="BFL_THREADS", help="CPU threads for training and inference."),
+    username: Optional[str] = typer.Option(None, envvar="BFL_MQTT_USERNAME", help="MQTT username (default: the id)."),
+    password_file: Optional[Path] = typer.Option(None, envvar="BFL_MQTT_PASSWORD_FILE"),
+    ca_file: Optional[Path] = typer.Option(None, envvar="BFL_MQTT_CA_FILE", help="CA bundle for mqtts://."),
+    log_level: str = typer.Option("INFO", envvar="BFL_LOG_LEVEL"),
+):
+    """Connect to the broker, announce this device, and take part in runs it is admitted to."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not valid_id(device_id):
+        fail(f"--id {device_id!r}: use letters, digits, '-', '_' or '.' (at most 64)")
+    if not key_file.is_file():
+        fail(f"--key {key_file}: no such file (create one with `bfl-agent keygen --out {key_file}`)")
+    try:
+        key = KeyPair.load(key_file)
+    except ValueError as exc:
+        fail(str(exc))
+    password = password_file.read_text().strip() if password_file else None
+    from .agent import Agent
+    from .transport import TransportError
+
+    try:
+        agent = Agent(
+            device_id,
+            key,
+            broker,
+            workdir,
+            operator_pubkey=read_pubkey(operator_key),
+            data_dir=data_dir,
+            run=run_id,
+            exit_after_run=exit_after_run,
+            threads=threads,
+            username=username,
+            password=password,
+            ca_file=str(ca_file) if ca_file else None,
+        )
+        logging.getLogger("bfl.agent").info("%s: key fingerprint %s", device_id, fingerprint(key.public_hex))
+        agent.run_forever()
+    except TransportError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

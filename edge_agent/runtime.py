@@ -1,0 +1,163 @@
+"""Carries out the Node's heavy actions: training, evaluation, aggregation.
+
+Training imports torch lazily, the first time this device is a worker (or a validator with
+``vote_ref=trained``). Evaluation uses ONNX Runtime and aggregation numpy only, so a
+validator-only install (no torch) runs every other role.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .ml import blobs as bl
+from .ml.data import DeviceData, device_data
+from .protocol import node as nd
+from .protocol.genesis import Genesis
+
+log = logging.getLogger("bfl.runtime")
+
+
+def attack_kwargs(attack: dict) -> dict:
+    """Command bodies carry integers; the attack functions take floats."""
+    kw = {}
+    if "variance_milli" in attack:
+        kw["variance"] = attack["variance_milli"] / 1000
+    return kw
+
+
+class Runtime:
+    def __init__(self, genesis: Genesis, me: str, store: bl.BlobStore, data_dir: str | Path | None, threads: int = 1):
+        self.genesis = genesis
+        self.me = me
+        self.store = store
+        self.data_dir = data_dir
+        self.threads = threads
+        self._data: DeviceData | None = None
+        self._evaluator = None
+        self._scores: dict[str, tuple[int, int]] = {}
+        self.timings: dict[str, int] = {}
+
+    @property
+    def arch(self) -> str:
+        return self.genesis.arch
+
+    @property
+    def data(self) -> DeviceData:
+        if self._data is None:
+            self._data = device_data(self.genesis.data, self.genesis.index_of(self.me), self.data_dir)
+        return self._data
+
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            from .ml.onnx_eval import Evaluator
+
+            self._evaluator = Evaluator(self.arch, threads=self.threads)
+        return self._evaluator
+
+    def ensure_initial_model(self) -> None:
+        """G_0 is derived from (arch, seed); check it is the genesis' initial model."""
+        model = self.genesis.body["model"]
+        if self.store.has(model["init"]):
+            return
+        from .ml.arch import init_params
+
+        data = bl.encode(init_params(model["arch"], model["init_seed"]))
+        if bl.blob_hash(data) != model["init"]:
+            raise RuntimeError("the initial model of the genesis differs from init_params(arch, init_seed)")
+        self.store.put(data)
+
+    def _params(self, h: str) -> dict:
+        params = self.store.get_params(h, self.arch)
+        if params is None:
+            raise RuntimeError(f"blob {h[:12]} not in the store")
+        return params
+
+    def _score(self, h: str) -> tuple[int, int]:
+        """(accuracy bp, cross-entropy milli-nats) of model ``h`` on this device's test split."""
+        if h not in self._scores:
+            try:
+                params = self._params(h)
+            except ValueError as exc:  # undecodable, wrong shapes or non-finite: worthless
+                log.warning("%s: model %s unusable: %s", self.me, h[:12], exc)
+                self._scores[h] = (0, 10**9)
+            else:
+                self._scores[h] = self.evaluator.scores(params, self.data.test_x, self.data.test_y)
+            if len(self._scores) > 256:
+                self._scores.pop(next(iter(self._scores)))
+        return self._scores[h]
+
+    def _accuracy(self, h: str) -> int:
+        return self._score(h)[0]
+
+    # -- actions --
+
+    def run(self, action):
+        t0 = time.perf_counter()
+        try:
+            if isinstance(action, nd.Train):
+                return self.train(action)
+            if isinstance(action, nd.Evaluate):
+                return self.evaluate(action)
+            if isinstance(action, nd.Aggregate):
+                return self.aggregate(action)
+            if isinstance(action, nd.EvaluateGlobal):
+                return nd.GlobalEvaluated(action.height, action.model_hash, self._accuracy(action.model_hash))
+            raise TypeError(action)
+        except Exception as exc:  # reported to the node, never fatal
+            log.exception("%s: %s failed", self.me, type(action).__name__)
+            key = str(getattr(action, "round", getattr(action, "key", getattr(action, "height", ""))))
+            return nd.TaskFailed(type(action).__name__.lower(), key, f"{type(exc).__name__}: {exc}")
+        finally:
+            name = type(action).__name__.lower()
+            self.timings[name] = self.timings.get(name, 0) + int((time.perf_counter() - t0) * 1000)
+
+    def take_timings(self) -> dict[str, int]:
+        """Milliseconds spent per task kind since the last call (for the round report)."""
+        out, self.timings = {f"{k}_ms": v for k, v in self.timings.items()}, {}
+        return out
+
+    def _train_params(self, base: dict, epochs: int, seed: int) -> dict:
+        from .ml.train import train_local  # torch, only here
+
+        hp = self.genesis.hp
+        return train_local(
+            self.arch,
+            base,
+            self.data.train_x,
+            self.data.train_y,
+            epochs=epochs,
+            batch_size=hp["batch_size"],
+            lr=self.genesis.lr,
+            seed=seed,
+            threads=self.threads,
+        )
+
+    def train(self, a: nd.Train) -> nd.TrainingDone:
+        params = self._train_params(self._params(a.base_model), self.genesis.hp["local_epochs"], a.seed)
+        if a.attack and a.attack.get("name") not in (None, "invert_votes"):
+            from .ml.attacks import apply_attack
+
+            params = apply_attack(a.attack["name"], params, a.seed, **attack_kwargs(a.attack))
+            log.info("%s: round %d: applied attack %s", self.me, a.round, a.attack["name"])
+        return nd.TrainingDone(a.round, bl.encode(params))
+
+    def evaluate(self, a: nd.Evaluate) -> nd.EvaluationDone:
+        global_bp = self._accuracy(a.base_model)
+        trained_bp = None
+        if a.want_trained:
+            ref = self._train_params(self._params(a.base_model), 1, a.seed)
+            trained_bp = self.evaluator.accuracy_bp(ref, self.data.test_x, self.data.test_y)
+        scores = {h: self._score(h) for h in a.models}
+        return nd.EvaluationDone(
+            a.round, global_bp, trained_bp, {h: s[0] for h, s in scores.items()}, {h: s[1] for h, s in scores.items()}
+        )
+
+    def aggregate(self, a: nd.Aggregate) -> nd.AggregateDone:
+        missing = tuple(h for h, _ in a.inputs if not self.store.has(h))
+        if missing:
+            return nd.AggregateDone(a.key, None, missing)
+        g = bl.fedavg([(self._params(h), n) for h, n in a.inputs])
+        return nd.AggregateDone(a.key, self.store.put(bl.encode(g)))

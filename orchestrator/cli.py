@@ -1,0 +1,213 @@
+"""`bfl`: the operator's CLI. Creates an experiment, starts agents, injects faults, watches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, help="PoS-BFL testbed orchestrator.", no_args_is_help=True)
+data_app = typer.Typer(add_completion=False, help="Datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def parse_roles(text: str) -> tuple[int, int, int]:
+    try:
+        w, v, m = (int(x) for x in text.split(","))
+        return w, v, m
+    except ValueError:
+        fail(f"--roles {text!r}: expected three integers W,V,M such as 12,5,3")
+        raise
+
+
+def parse_deadlines(text: str) -> tuple[int, int, int]:
+    try:
+        t, v, m = (int(x) for x in text.split(","))
+        if min(t, v, m) < 1:
+            raise ValueError
+        return t, v, m
+    except ValueError:
+        fail(f"--deadlines {text!r}: expected three positive integers TRAIN,VALIDATE,MINE in seconds")
+        raise
+
+
+@app.command()
+def run(
+    devices: int = typer.Option(20, help="Number of devices."),
+    roles: str = typer.Option("12,5,3", help="Workers, validators, miners per round."),
+    malicious: int = typer.Option(0, help="How many devices are malicious (chosen with --seed)."),
+    malicious_ids: Optional[str] = typer.Option(None, help="Comma-separated malicious device ids instead."),
+    attack: str = typer.Option("gaussian", help="gaussian (N(0,1) added to every parameter) | invert_votes."),
+    rounds: int = typer.Option(10, help="Communication rounds (the paper runs 100)."),
+    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist."),
+    data_dir: Optional[Path] = typer.Option(None, help="Directory with the IDX files."),
+    model: str = typer.Option("cnn", help="cnn (the paper's) | mlp (784-200-200-10)."),
+    partition: str = typer.Option("shards", help="shards (non-IID, the paper's) | iid."),
+    samples_per_device: Optional[int] = typer.Option(None, help="Training samples per device (default: an even split)."),
+    test_per_device: Optional[int] = typer.Option(None, help="Test images per device (default 500)."),
+    local_epochs: int = typer.Option(5, help="Local epochs le."),
+    batch_size: int = typer.Option(10),
+    lr: float = typer.Option(0.01),
+    vh: float = typer.Option(0.08, help="Validator threshold of the accuracy drop (Algorithm 1)."),
+    vote_ref: str = typer.Option("median", help="Reference accuracy of the vote: median | global | trained."),
+    loss_guard: int = typer.Option(10, help="Also vote negative when an update's loss exceeds this x the round median (0: Algorithm 1 only)."),
+    knockout: int = typer.Option(3, help="Blacklist after this many consecutive rejected updates (0: never)."),
+    deadlines: str = typer.Option("900,300,120", help="Phase deadlines TRAIN,VALIDATE,MINE in seconds."),
+    broker: Optional[str] = typer.Option(None, help="mqtt://HOST:PORT of an existing broker (default: embedded)."),
+    external: bool = typer.Option(False, help="Use agents already connected to --broker instead of starting them."),
+    operator_key: Optional[Path] = typer.Option(None, help="Operator key file (created if missing)."),
+    out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, help="CPU threads per local agent."),
+    join_timeout: float = typer.Option(300, help="Seconds to wait for devices to connect."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+):
+    """Run a PoS-BFL experiment and write OUT/summary.json."""
+    from edge_agent.protocol.genesis import VOTE_REFERENCES
+    from edge_agent.ml.data import DATASETS
+
+    from .experiment import Experiment, ExperimentError, RunConfig
+
+    if dataset not in DATASETS:
+        fail(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if vote_ref not in VOTE_REFERENCES:
+        fail(f"--vote-ref {vote_ref!r}: choose one of {', '.join(VOTE_REFERENCES)}")
+    if loss_guard < 0:
+        fail("--loss-guard must be >= 0 (0 disables it)")
+    if devices < 3 or rounds < 1 or local_epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= vh <= 1:
+        fail("need --devices >= 3, --rounds >= 1, --local-epochs >= 1, --batch-size >= 1, --lr > 0, 0 <= --vh <= 1")
+    if external and not broker:
+        fail("--external needs --broker URL (the broker the devices are connected to)")
+    if broker is not None:
+        from edge_agent.transport import TransportError, parse_broker_url
+
+        try:
+            parse_broker_url(broker)
+        except TransportError as exc:
+            fail(str(exc))
+    cfg = RunConfig(
+        devices=devices,
+        roles=parse_roles(roles),
+        malicious=malicious,
+        malicious_ids=[d for d in malicious_ids.split(",") if d] if malicious_ids else None,
+        attack=attack,
+        rounds=rounds,
+        dataset=dataset,
+        data_dir=data_dir,
+        model=model,
+        partition=partition,
+        samples_per_device=samples_per_device,
+        test_per_device=test_per_device,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        vh=vh,
+        vote_ref=vote_ref,
+        loss_guard=loss_guard,
+        knockout=knockout,
+        deadlines_s=parse_deadlines(deadlines),
+        broker=broker,
+        external=external,
+        operator_key=operator_key,
+        out=out,
+        seed=seed,
+        threads=threads,
+        join_timeout=join_timeout,
+    )
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=False, soft_wrap=True)
+    exp = Experiment(cfg, log=lambda m: console.print(m, highlight=False))
+    try:
+        exp.setup()
+        devices_info = exp.start_agents()
+        exp.publish_genesis(devices_info)
+        console.print(
+            f"run {exp.run_id}: {len(devices_info)} devices, roles {cfg.roles}, "
+            f"malicious {', '.join(exp.malicious) or 'none'} ({cfg.attack}), {cfg.model} on {cfg.dataset}/{cfg.partition}",
+            highlight=False,
+        )
+        with Progress(
+            TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=quiet, transient=True,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("rounds", total=cfg.rounds)
+
+            def progress(r):
+                bad = [d for d in r.rejected if d in exp.malicious]
+                console.print(
+                    f"round {r.round:3d}  acc {r.accuracy:6.2f}%  accepted {len(r.accepted):2d}  "
+                    f"rejected {len(r.rejected):2d} [{','.join(r.rejected)}]  winner {r.winner}  "
+                    f"{r.seconds:6.1f}s (train {r.train_ms_max / 1000:.1f}s)"
+                    + ("" if r.agree else "  HEADS DIFFER")
+                    + (f"  malicious rejected: {','.join(bad)}" if bad else ""),
+                    highlight=False,
+                )
+                bar.advance(task)
+
+            exp.watch(progress)
+        path = exp.write_summary()
+        console.print(f"summary: {path}", highlight=False)
+    except ExperimentError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted")
+    finally:
+        exp.close()
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: str = typer.Argument(..., help="mnist (needs internet) | fashion-mnist"),
+    data_dir: Path = typer.Option(Path("data"), help="Where to put it."),
+):
+    """Download a dataset (MNIST via torchvision) or check the Fashion-MNIST Debian package."""
+    from edge_agent.ml.data import DataMissingError, download_mnist, load_dataset
+
+    try:
+        if name == "mnist":
+            download_mnist(data_dir)
+            ds = load_dataset("mnist", data_dir)
+        elif name == "fashion-mnist":
+            ds = load_dataset("fashion-mnist", data_dir)
+        else:
+            fail(f"unknown dataset {name!r}: mnist or fashion-mnist")
+            return
+    except DataMissingError as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"{name}: {len(ds.train_y)} training and {len(ds.test_y)} test images ready")
+
+
+@app.command()
+def show(summary: Path = typer.Argument(..., help="A summary.json written by `bfl run`.")):
+    """Print the per-round table of a finished run."""
+    try:
+        s = json.loads(summary.read_text())
+        rows = s["rounds"]
+    except (OSError, ValueError, KeyError) as exc:
+        fail(f"{summary}: not a bfl summary ({exc.__class__.__name__})")
+        return
+    typer.echo(f"run {s['run_id']}  devices {s['devices']}  roles {s['roles']}  malicious {s['malicious']}")
+    for r in rows:
+        typer.echo(f"round {r['round']:3d}  acc {r['accuracy']:6.2f}%  accepted {len(r['accepted'])}  rejected {r['rejected']}  winner {r['winner']}")
+
+
+def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

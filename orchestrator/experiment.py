@@ -1,0 +1,402 @@
+"""Create and drive one experiment: keys, genesis, local agents, fault injection, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_agent.ml import blobs as bl
+from edge_agent.ml.arch import init_params
+from edge_agent.protocol.crypto import KeyPair
+from edge_agent.protocol.genesis import Genesis, make_genesis_body
+from edge_agent.protocol.messages import device_topic, sign, topic
+from edge_agent.transport import Mqtt
+
+from .observer import Observer, RoundResult
+
+
+class ExperimentError(Exception):
+    """A one-line, actionable failure of the experiment set-up."""
+
+
+ATTACKS = ("gaussian", "invert_votes")
+
+
+@dataclass
+class RunConfig:
+    devices: int = 20
+    roles: tuple[int, int, int] = (12, 5, 3)
+    malicious: int = 0
+    malicious_ids: list[str] | None = None
+    attack: str = "gaussian"
+    rounds: int = 10
+    dataset: str = "mnist"
+    data_dir: Path | None = None
+    model: str = "cnn"
+    partition: str = "shards"
+    samples_per_device: int | None = None
+    test_per_device: int | None = None
+    local_epochs: int = 5
+    batch_size: int = 10
+    lr: float = 0.01
+    vh: float = 0.08
+    vote_ref: str = "median"
+    loss_guard: int = 10
+    knockout: int = 3
+    unit_reward: int = 1
+    deadlines_s: tuple[int, int, int] = (900, 300, 120)
+    broker: str | None = None
+    external: bool = False
+    operator_key: Path | None = None
+    out: Path = Path("runs/latest")
+    seed: int = 0
+    threads: int = 1
+    join_timeout: float = 300.0
+    run_id: str | None = None
+    extra_agent_args: list[str] = field(default_factory=list)
+
+    def device_ids(self) -> list[str]:
+        width = max(2, len(str(self.devices - 1)))
+        return [f"d{i:0{width}d}" for i in range(self.devices)]
+
+
+def choose_malicious(cfg: RunConfig, devices: list[str]) -> list[str]:
+    if cfg.malicious_ids:
+        unknown = [d for d in cfg.malicious_ids if d not in devices]
+        if unknown:
+            raise ExperimentError(f"--malicious-ids names unknown devices: {', '.join(unknown)}")
+        return sorted(cfg.malicious_ids)
+    if not 0 <= cfg.malicious <= len(devices):
+        raise ExperimentError(f"--malicious {cfg.malicious}: must be between 0 and {len(devices)}")
+    return sorted(random.Random(cfg.seed).sample(devices, cfg.malicious))
+
+
+def data_spec(cfg: RunConfig) -> dict:
+    """Check the dataset is present and the partition fits; the spec goes into the genesis."""
+    from edge_agent.ml.data import DataMissingError, load_dataset
+
+    try:
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+    except DataMissingError as exc:
+        raise ExperimentError(str(exc)) from None
+    n = cfg.devices
+    spd = cfg.samples_per_device or len(ds.train_y) // n
+    tpd = cfg.test_per_device or min(500, len(ds.test_y) // n)  # 500 each for 20 devices, as in the design
+    if spd * n > len(ds.train_y):
+        raise ExperimentError(
+            f"--samples-per-device {spd} x {n} devices exceeds the {len(ds.train_y)} training images"
+        )
+    if tpd * n > len(ds.test_y):
+        raise ExperimentError(f"--test-per-device {tpd} x {n} devices exceeds the {len(ds.test_y)} test images")
+    return {
+        "dataset": cfg.dataset,
+        "partition": cfg.partition,
+        "samples_per_device": spd,
+        "test_per_device": tpd,
+        "seed": cfg.seed,
+        "n_devices": n,
+    }
+
+
+class LocalAgents:
+    """N `bfl-agent` processes on this machine, one log file each."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, cfg: RunConfig, broker_url: str, operator_pub: str, keys: dict[str, Path], run_id: str) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), PYTHONUNBUFFERED="1")
+        for dev, key_path in keys.items():
+            workdir = self.out / "agents" / dev
+            workdir.mkdir(parents=True, exist_ok=True)
+            cmd = [
+                sys.executable, "-m", "edge_agent.cli", "run",
+                "--id", dev, "--key", str(key_path), "--broker", broker_url,
+                "--operator-key", operator_pub, "--workdir", str(workdir),
+                "--run", run_id, "--exit-after-run", "--threads", str(cfg.threads),
+            ]  # fmt: skip
+            if cfg.data_dir:
+                cmd += ["--data-dir", str(cfg.data_dir)]
+            cmd += cfg.extra_agent_args
+            log = open(workdir / "agent.log", "ab")
+            self.procs[dev] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def dead(self) -> list[str]:
+        return [d for d, p in self.procs.items() if p.poll() is not None and p.returncode != 0]
+
+    def stop(self, grace: float = 20.0) -> None:
+        end = time.monotonic() + grace
+        for p in self.procs.values():
+            while p.poll() is None and time.monotonic() < end:
+                time.sleep(0.1)
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def new_run_id(seed: int) -> str:
+    return time.strftime("r%Y%m%d-%H%M%S") + f"-{random.Random().randrange(16**4):04x}"
+
+
+class Experiment:
+    """The operator's side of one run. ``progress(result)`` is called once per round."""
+
+    def __init__(self, cfg: RunConfig, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.out)
+        self.run_id = cfg.run_id or new_run_id(cfg.seed)
+        self.results: list[RoundResult] = []
+        self.malicious: list[str] = []
+        self.agents: LocalAgents | None = None
+        self.broker = None
+        self.mqtt: Mqtt | None = None
+        self.observer: Observer | None = None
+        self.genesis: Genesis | None = None
+
+    # -- set-up --
+
+    def _operator_key(self) -> KeyPair:
+        path = self.cfg.operator_key or (self.out / "keys" / "operator.key")
+        if path.exists():
+            return KeyPair.load(path)
+        key = KeyPair.generate()
+        key.save(path)
+        return key
+
+    def _check_roles(self) -> None:
+        w, v, m = self.cfg.roles
+        if min(w, v, m) < 1:
+            raise ExperimentError("--roles W,V,M: every count must be at least 1")
+        if w + v + m > self.cfg.devices:
+            raise ExperimentError(f"--roles {w},{v},{m} needs {w + v + m} devices but --devices is {self.cfg.devices}")
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self._check_roles()
+        if cfg.model not in ("mlp", "cnn"):
+            raise ExperimentError(f"--model {cfg.model!r}: choose mlp or cnn")
+        if cfg.partition not in ("shards", "iid"):
+            raise ExperimentError(f"--partition {cfg.partition!r}: choose shards or iid")
+        if cfg.attack not in ATTACKS:
+            raise ExperimentError(f"--attack {cfg.attack!r}: choose one of {', '.join(ATTACKS)}")
+        spec = data_spec(cfg)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.operator = self._operator_key()
+        url = cfg.broker
+        if url is None:
+            from broker import EmbeddedBroker
+
+            self.broker = EmbeddedBroker()
+            url = self.broker.start()
+            self.log(f"embedded MQTT broker (amqtt) at {url}")
+        self.broker_url = url
+        from edge_agent.transport import TransportError
+
+        self.mqtt = Mqtt(url, client_id=f"bfl-operator-{self.run_id}", username="operator")
+        try:
+            self.mqtt.connect()
+        except TransportError as exc:
+            raise ExperimentError(str(exc)) from None
+        self.observer = Observer(self.mqtt)
+        self.observer.watch_devices()
+        self.spec = spec
+
+    def start_agents(self) -> dict[str, dict]:
+        """Start local agents (or wait for external ones) and return the admitted devices."""
+        cfg = self.cfg
+        obs = self.observer
+        assert obs is not None
+        if cfg.external:
+            wanted = None
+            self.log(f"waiting for {cfg.devices} devices on {self.broker_url} (operator key {self.operator.public_hex})")
+        else:
+            keys = {}
+            for dev in cfg.device_ids():
+                path = self.out / "keys" / f"{dev}.key"
+                KeyPair.generate().save(path)
+                keys[dev] = path
+            wanted = {d: KeyPair.load(p).public_hex for d, p in keys.items()}
+            self.agents = LocalAgents(self.out)
+            self.agents.start(cfg, self.broker_url, self.operator.public_hex, keys, self.run_id)
+            self.log(f"started {len(keys)} local agents (logs in {self.out / 'agents'})")
+        end = time.monotonic() + cfg.join_timeout
+        while True:
+            obs.pump(0.5)
+            if wanted is not None:
+                ready = {d for d in wanted if obs.hellos.get(d, {}).get("pubkey") == wanted[d] and d not in obs.offline}
+                if len(ready) == len(wanted):
+                    break
+                dead = self.agents.dead() if self.agents else []
+                if dead:
+                    raise ExperimentError(
+                        f"agent(s) {', '.join(dead)} exited at start-up; see {self.out / 'agents' / dead[0] / 'agent.log'}"
+                    )
+            else:
+                ready = {d for d in obs.hellos if d not in obs.offline}
+                if len(ready) >= cfg.devices:
+                    break
+            if time.monotonic() > end:
+                missing = sorted(set(wanted or []) - ready) if wanted else []
+                raise ExperimentError(
+                    f"only {len(ready)} of {cfg.devices} devices announced themselves within {cfg.join_timeout:.0f}s"
+                    + (f" (missing: {', '.join(missing[:8])})" if missing else "")
+                )
+        if wanted is not None:
+            return {d: {"pubkey": wanted[d], "caps": obs.hellos[d]["caps"]} for d in sorted(wanted)}
+        chosen = sorted(ready)[: cfg.devices]
+        return {d: {"pubkey": obs.hellos[d]["pubkey"], "caps": obs.hellos[d]["caps"]} for d in chosen}
+
+    def publish_genesis(self, devices: dict[str, dict]) -> None:
+        cfg = self.cfg
+        assert self.mqtt and self.observer
+        trainers = [d for d, info in devices.items() if "train" in info["caps"]]
+        if len(trainers) < cfg.roles[0]:
+            raise ExperimentError(f"only {len(trainers)} devices can train (torch installed) but |W| = {cfg.roles[0]}")
+        init = bl.encode(init_params(cfg.model, cfg.seed))
+        body = make_genesis_body(
+            run=self.run_id,
+            operator=self.operator.public_hex,
+            devices=devices,
+            roles=cfg.roles,
+            rounds=cfg.rounds,
+            arch=cfg.model,
+            init_model=bl.blob_hash(init),
+            init_seed=cfg.seed,
+            data=self.spec,
+            lr_e6=round(cfg.lr * 1e6),
+            batch_size=cfg.batch_size,
+            local_epochs=cfg.local_epochs,
+            vh_bp=round(cfg.vh * 10000),
+            unit_reward=cfg.unit_reward,
+            knockout=cfg.knockout,
+            vote_ref=cfg.vote_ref,
+            loss_guard=cfg.loss_guard,
+            deadlines_ms={k: s * 1000 for k, s in zip(("train", "validate", "mine"), cfg.deadlines_s)},
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        env = sign(self.operator, body)
+        self.genesis = Genesis(env)
+        self.observer.genesis = self.genesis
+        self.observer.watch_run(self.run_id)
+        (self.out / "genesis.json").write_bytes(env.payload())
+        # Fault injection: each malicious device is told privately, on its own command topic.
+        self.malicious = choose_malicious(cfg, sorted(devices))
+        attack = {"name": cfg.attack}
+        if cfg.attack == "gaussian":
+            attack["variance_milli"] = 1000  # N(0, 1), paper Section 5.1
+        for dev in self.malicious:
+            cmd = sign(self.operator, {"run": self.run_id, "kind": "cmd", "round": 0, "sender": "operator", "target": dev, "attack": attack})
+            self.mqtt.publish(topic(self.run_id, "cmd", dev), cmd.payload(), retain=True, wait=10)
+        end = time.monotonic() + 60
+        while not set(self.malicious) <= self.observer.acks:
+            self.observer.pump(0.2)
+            if time.monotonic() > end:
+                raise ExperimentError(f"devices {sorted(set(self.malicious) - self.observer.acks)} did not acknowledge their command")
+        self.mqtt.publish(topic(self.run_id, "genesis"), env.payload(), retain=True, wait=10)
+
+    # -- the run --
+
+    def watch(self, progress=lambda r: None) -> None:
+        cfg = self.cfg
+        obs = self.observer
+        assert obs is not None and self.genesis is not None
+        devices = set(self.genesis.device_ids)
+        honest = devices - set(self.malicious)
+        round_budget = sum(cfg.deadlines_s) + 120
+        t_prev = time.monotonic()
+        for j in range(1, cfg.rounds + 1):
+            end = time.monotonic() + round_budget
+            while True:
+                obs.pump(0.25)
+                reported = set(obs.reports.get(j, {}))
+                # done when every device has reported, or went offline without doing so
+                if not (devices - reported - obs.offline):
+                    break
+                if not (honest & reported) and honest <= obs.offline:
+                    raise ExperimentError("every honest device went offline; see the agent logs")
+                if time.monotonic() > end:
+                    if reported & honest:
+                        break
+                    raise ExperimentError(f"round {j} did not finish within {round_budget}s; see {self.out / 'agents'}")
+            now = time.monotonic()
+            res = obs.round_result(j, honest, now - t_prev)
+            if res is None:
+                raise ExperimentError(f"round {j}: the block the devices report is unknown to the observer")
+            t_prev = now
+            self.results.append(res)
+            progress(res)
+        time.sleep(0.5)
+        obs.pump(0.5)
+
+    def summary(self) -> dict:
+        assert self.genesis is not None and self.observer is not None
+        obs = self.observer
+        honest = set(self.genesis.device_ids) - set(self.malicious)
+        state = obs.replay(len(self.results), honest)
+        final = obs.reports.get(len(self.results), {})
+        return {
+            "run_id": self.run_id,
+            "protocol": "pos-bfl",
+            "devices": len(self.genesis.device_ids),
+            "roles": list(self.cfg.roles),
+            "malicious": self.malicious,
+            "attack": self.cfg.attack,
+            "config": {
+                "dataset": self.cfg.dataset,
+                "model": self.cfg.model,
+                "partition": self.cfg.partition,
+                "samples_per_device": self.spec["samples_per_device"],
+                "test_per_device": self.spec["test_per_device"],
+                "local_epochs": self.cfg.local_epochs,
+                "batch_size": self.cfg.batch_size,
+                "lr": self.cfg.lr,
+                "vh": self.cfg.vh,
+                "vote_ref": self.cfg.vote_ref,
+                "loss_guard": self.cfg.loss_guard,
+                "knockout": self.cfg.knockout,
+                "seed": self.cfg.seed,
+                "broker": "embedded" if self.broker else self.broker_url,
+            },
+            "rounds": [r.as_json() for r in self.results],
+            "heads": {d: obs.reports.get(len(self.results), {}).get(d, {}).get("head") for d in self.genesis.device_ids},
+            "stakes": {d: state.stake(d) for d in self.genesis.device_ids},
+            "reported_stakes": {d: r["stake"] for d, r in sorted(final.items())},
+            "blacklist": sorted(state.blacklist),
+            "dropped_messages": {d: r.get("drops", {}) for d, r in sorted(final.items()) if r.get("drops")},
+        }
+
+    def write_summary(self) -> Path:
+        path = self.out / "summary.json"
+        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        return path
+
+    def close(self) -> None:
+        if self.mqtt is not None and self.genesis is not None:
+            # clear retained run state so later agents on this broker do not join a finished run
+            for dev in self.malicious:
+                self.mqtt.publish(topic(self.run_id, "cmd", dev), b"", retain=True)
+            self.mqtt.publish(topic(self.run_id, "genesis"), b"", retain=True, wait=5)
+        if self.agents is not None:
+            self.agents.stop()
+        if self.mqtt is not None:
+            if self.agents is not None:
+                for dev in self.agents.procs:
+                    for kind in ("hello", "status"):
+                        self.mqtt.publish(device_topic(dev, kind), b"", retain=True)
+            self.mqtt.close()
+        if self.broker is not None:
+            self.broker.stop()
