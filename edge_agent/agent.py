@@ -205,7 +205,7 @@ class Agent:
         if cmd:
             self.node.attack = cmd.get("attack")
         run = genesis.run
-        self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync")))
+        self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "chain", "head")))
         log.info(
             "%s: joined run %s at height %d (%d devices, roles %s)",
             self.me,

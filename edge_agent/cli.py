@@ -59,6 +59,9 @@ def run(
     username: Optional[str] = typer.Option(None, envvar="BFL_MQTT_USERNAME", help="MQTT username (default: the id)."),
     password_file: Optional[Path] = typer.Option(None, envvar="BFL_MQTT_PASSWORD_FILE"),
     ca_file: Optional[Path] = typer.Option(None, envvar="BFL_MQTT_CA_FILE", help="CA bundle for mqtts://."),
+    caps: Optional[str] = typer.Option(
+        None, envvar="BFL_CAPS", help="Roles this device takes: train,validate,mine (default: train only if torch is installed)."
+    ),
     log_level: str = typer.Option("INFO", envvar="BFL_LOG_LEVEL"),
 ):
     """Connect to the broker, announce this device, and take part in runs it is admitted to."""
@@ -75,6 +78,11 @@ def run(
         key = KeyPair.load(key_file)
     except ValueError as exc:
         fail(str(exc))
+    from .protocol.genesis import CAPABILITIES
+
+    capabilities = [c for c in caps.split(",") if c] if caps else None
+    if capabilities is not None and (not capabilities or any(c not in CAPABILITIES for c in capabilities)):
+        fail(f"--caps {caps!r}: a comma-separated subset of {','.join(CAPABILITIES)}")
     password = password_file.read_text().strip() if password_file else None
     from .agent import Agent
     from .transport import TransportError
@@ -93,6 +101,7 @@ def run(
             username=username,
             password=password,
             ca_file=str(ca_file) if ca_file else None,
+            capabilities=capabilities,
         )
         logging.getLogger("bfl.agent").info("%s: key fingerprint %s", device_id, fingerprint(key.public_hex))
         agent.run_forever()

@@ -70,6 +70,7 @@ class SimNet:
         self.committed: dict[str, list] = {d: [] for d in self.nodes}
         self.reports: list = []
         self.tamper = None  # optional fn(Publish) -> Publish | None
+        self.retained: dict[str, bytes] = {}
 
     def start(self):
         for d, node in self.nodes.items():
@@ -84,6 +85,8 @@ class SimNet:
                     if a is None:
                         continue
                 self.published.append(a)
+                if a.retain:
+                    self.retained[a.topic] = a.payload
                 for other in self.nodes:
                     if other not in self.silent:
                         self.queue.append((other, nd.Received(a.topic, a.payload)))
@@ -122,14 +125,23 @@ class SimNet:
             elif isinstance(a, nd.Finished):
                 pass
 
+    def revive(self, dev):
+        """A device that was down comes up: it starts from its chain and gets retained state."""
+        self.silent.discard(dev)
+        self._do(dev, self.nodes[dev].start(self.now))
+        for t, payload in self.retained.items():
+            self.queue.append((dev, nd.Received(t, payload)))
+
     def deliver(self, dev, event):
         self._do(dev, self.nodes[dev].handle(event, self.now))
 
-    def run(self, max_steps=100_000, advance_clock=1.0):
-        """Deliver events until every live node finished; advance the clock when idle."""
+    def run(self, max_steps=100_000, advance_clock=1.0, until=None):
+        """Deliver events until every live node finished (or ``until()``); advance the clock when idle."""
         steps = 0
         while steps < max_steps:
             steps += 1
+            if until is not None and until():
+                return
             if self.queue:
                 dev, ev = self.queue.popleft()
                 if dev in self.silent:

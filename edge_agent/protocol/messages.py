@@ -16,7 +16,8 @@ can confine each device to its own subtrees, see ``broker/mosquitto.py``)::
     bfl/v1/<run>/blob/<device>/<sha256>          safetensors model bytes, content-addressed
     bfl/v1/<run>/vtx/<device>                    validator transaction (votes, Algorithm 1)
     bfl/v1/<run>/block/<device>                  a miner's candidate block
-    bfl/v1/<run>/sync/<device>                   request for missing blobs (pull)
+    bfl/v1/<run>/sync/<device>                   request for missing blocks or blobs (pull)
+    bfl/v1/<run>/chain/<device>                  answer to a block request: signed blocks
     bfl/v1/<run>/head/<device>         retained  the device's chain head
     bfl/v1/<run>/report/<device>                 accuracy of G_j on the device's test split
 """
@@ -33,7 +34,7 @@ from .crypto import KeyPair, sha256_hex, verify
 PREFIX = "bfl/v1"
 
 # Kinds published under a run, each by the device named in the topic.
-RUN_KINDS = ("wtx", "vtx", "block", "blob", "sync", "head", "report", "ack")
+RUN_KINDS = ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "report", "ack")
 OPERATOR_KINDS = ("genesis", "cmd")
 
 MAX_JSON_BYTES = 1 << 20  # blocks embed every transaction of a round; well under this

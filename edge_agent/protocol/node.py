@@ -50,6 +50,7 @@ from .messages import (
     Envelope,
     check_signature,
     decode,
+    from_json,
     parse_topic,
     sign,
     topic,
@@ -62,6 +63,7 @@ log = logging.getLogger("bfl.node")
 FUTURE_ROUNDS = 2  # messages for up to this many rounds ahead are buffered
 FUTURE_LIMIT = 2000  # per round
 SYNC_RETRY_S = 3.0
+PULL_BATCH = 8  # blocks per catch-up answer
 
 
 # ---- events ---------------------------------------------------------------------------
@@ -187,6 +189,7 @@ class RoundCtx:
     waiting_logged: bool = False
     sync_at: float = 0.0
     mine_retry_at: float = 0.0
+    synced: bool = False  # the candidate was pulled from a peer that already appended it
 
 
 def _seed(*parts: object) -> int:
@@ -228,6 +231,11 @@ class Node:
         self.drops: Counter[str] = Counter()
         self.duplicates = 0
         self.finished = False
+        # catch-up: peers' heads (retained head topics) and blocks pulled from a peer
+        self.peer_heights: dict[str, int] = {}
+        self.pulled: dict[int, Envelope] = {}
+        self.sync_target: str | None = None
+        self.next_pull = 0.0
 
     # -- public API --
 
@@ -260,6 +268,31 @@ class Node:
     def tick(self, now: float) -> list:
         return self._advance(now)
 
+    def behind(self) -> bool:
+        """Some peer has appended a block we do not have."""
+        return any(h > self.state.height for h in self.peer_heights.values())
+
+    def _pull(self, now: float) -> list:
+        """Ask the most advanced peer for the blocks after our head."""
+        self.next_pull = now + SYNC_RETRY_S
+        self.sync_target = max(sorted(self.peer_heights), key=lambda d: self.peer_heights[d])
+        req = sign(
+            self.key,
+            {
+                "run": self.run,
+                "kind": "sync",
+                "round": self.state.height + 1,
+                "sender": self.me,
+                "target": self.sync_target,
+                "from_height": self.state.height + 1,
+                "blobs": [],
+                "nonce": _seed(now, self.me, "pull"),
+            },
+        )
+        self.seen.add(req.id)
+        log.info("%s: behind at height %d; pulling blocks from %s", self.me, self.state.height, self.sync_target)
+        return [Publish(topic(self.run, "sync", self.me), req.payload())]
+
     def role(self) -> str | None:
         return self.ctx.roles.role_of(self.me) if self.ctx else None
 
@@ -277,7 +310,14 @@ class Node:
         j = self.state.height + 1
         self.ctx = RoundCtx(round=j, roles=roles_for(self.genesis, self.state), started=now)
         acts: list = []
-        if self.ctx.roles.role_of(self.me) == "worker":
+        if self.behind():
+            # peers already appended this round's block: do not work on a past round
+            self.ctx.training = self.ctx.voted = self.ctx.mined = True
+            if j in self.pulled:
+                blk = self.pulled.pop(j)
+                self.ctx.candidates[blk.sender] = blk
+                self.ctx.synced = True
+        elif self.ctx.roles.role_of(self.me) == "worker":
             self.ctx.training = True
             acts.append(Train(j, self.state.global_model, _seed(self.run, self.me, j), self.attack))
         pending = self.future.pop(j, [])
@@ -319,8 +359,10 @@ class Node:
         if me_role == "miner" and not ctx.mining and not ctx.mined and now >= ctx.mine_retry_at:
             if set(ctx.roles.validators) <= set(ctx.vtxs) or t >= self.dl["train"] + self.dl["validate"]:
                 acts += self._mine()
+        if self.behind() and not ctx.synced and now >= self.next_pull:
+            acts += self._pull(now)
         if ctx.checking is None:
-            all_in = set(ctx.roles.miners) <= set(ctx.candidates)
+            all_in = set(ctx.roles.miners) <= set(ctx.candidates) or ctx.synced
             late = t >= self.dl["train"] + self.dl["validate"] + self.dl["mine"]
             if (all_in or late) and ctx.candidates:
                 acts += self._decide(now)
@@ -355,7 +397,7 @@ class Node:
             raise Drop("blacklisted", tp.device)
         if tp.kind == "blob":
             return self._on_blob(tp.device, tp.extra, msg.payload)
-        if tp.kind not in ("wtx", "vtx", "block", "sync"):
+        if tp.kind not in ("wtx", "vtx", "block", "sync", "head", "chain"):
             raise Drop("unexpected_kind", tp.kind)
         env = decode(msg.payload)
         if env.kind != tp.kind or env.sender != tp.device:
@@ -367,6 +409,10 @@ class Node:
             return []
         if env.kind == "sync":
             return self._on_sync(env)
+        if env.kind == "head":
+            return self._on_head(env)
+        if env.kind == "chain":
+            return self._on_chain(env, now)
         ctx = self.ctx
         if ctx is None or env.round < ctx.round:
             raise Drop("stale_round", f"{env.kind} for round {env.round}")
@@ -433,8 +479,53 @@ class Node:
         hashes = env.body.get("blobs")
         if not isinstance(hashes, list) or len(hashes) > 64 or not all(valid_hash(h) for h in hashes):
             raise Drop("malformed", "sync.blobs")
-        # Only the author of a blob answers, so a request does not fan out N copies.
-        return [BlobRequestAnswer(h) for h in hashes if h in self.own_blobs]
+        targeted = env.body.get("target") == self.me
+        # Only a blob's author, or the peer named as target, answers: no N-fold fan-out.
+        acts: list = [BlobRequestAnswer(h) for h in hashes if h in self.own_blobs or (targeted and self.have_blob(h))]
+        start = env.body.get("from_height")
+        if targeted and isinstance(start, int) and 1 <= start <= len(self.chain):
+            blocks = self.chain[start - 1 : start - 1 + PULL_BATCH]
+            body = {
+                "run": self.run,
+                "kind": "chain",
+                "round": start,
+                "sender": self.me,
+                "to": env.sender,
+                "blocks": [b.to_json() for b in blocks],
+            }
+            acts.append(Publish(topic(self.run, "chain", self.me), sign(self.key, body).payload()))
+        return acts
+
+    def _on_head(self, env: Envelope) -> list:
+        check_signature(env, self.genesis.pubkey(env.sender))
+        height = env.body.get("height")
+        if not isinstance(height, int) or height < 0 or height > self.genesis.rounds:
+            raise Drop("malformed", "head.height")
+        self.peer_heights[env.sender] = max(height, self.peer_heights.get(env.sender, 0))
+        return []
+
+    def _on_chain(self, env: Envelope, now: float) -> list:
+        if env.body.get("to") != self.me:
+            return []  # an answer to someone else
+        check_signature(env, self.genesis.pubkey(env.sender))
+        self.seen.add(env.id)
+        blocks = env.body.get("blocks")
+        if not isinstance(blocks, list) or len(blocks) > PULL_BATCH:
+            raise Drop("malformed", "chain.blocks")
+        for raw in blocks:
+            blk = from_json(raw)
+            h = blk.body.get("height")
+            if isinstance(h, int) and h > self.state.height:
+                self.pulled[h] = blk
+        ctx = self.ctx
+        if ctx is not None and ctx.round in self.pulled and ctx.checking is None:
+            blk = self.pulled.pop(ctx.round)
+            ctx.candidates[blk.sender] = blk
+            ctx.synced = True
+        # forget what lies too far ahead to matter
+        for h in [h for h in self.pulled if h > self.state.height + 4 * PULL_BATCH]:
+            del self.pulled[h]
+        return []
 
     # -- worker --
 
@@ -542,6 +633,7 @@ class Node:
                     "kind": "sync",
                     "round": ctx.round,
                     "sender": self.me,
+                    "target": self.sync_target if ctx.synced else None,
                     "blobs": sorted(ev.missing)[:64],
                     "nonce": _seed(now, self.me),
                 },

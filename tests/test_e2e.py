@@ -1,0 +1,191 @@
+"""End to end: `bfl run` starts real agent processes that train (PyTorch), validate (ONNX
+Runtime), mine and agree on a chain over a real broker -- the orchestrator's embedded amqtt
+broker and a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.ml import blobs as bl
+from edge_agent.protocol import ledger
+from edge_agent.protocol.genesis import Genesis
+from edge_agent.protocol.messages import from_json
+from edge_agent.protocol.canonical import parse
+from edge_agent.store import ChainStore
+
+SMALL = [
+    "--devices", "8", "--roles", "4,2,2", "--malicious", "2", "--rounds", "3",
+    "--model", "mlp", "--dataset", "fashion-mnist", "--samples-per-device", "300",
+    "--deadlines", "120,60,60", "--quiet",
+]  # fmt: skip
+
+
+def bfl(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def load_chain(out: Path, device: str, run_id: str):
+    store = ChainStore(out / "agents" / device / "runs", run_id)
+    genesis = Genesis(store.load_genesis())
+    return genesis, store.load_blocks()
+
+
+def check_run(out: Path, proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    malicious = set(summary["malicious"])
+    honest = sorted(set(summary["heads"]) - malicious)
+    assert len(malicious) == 2 and len(summary["rounds"]) == 3
+
+    # every honest agent ends with the same head, and it is on disk in its chain
+    heads = {summary["heads"][d] for d in honest}
+    assert len(heads) == 1 and None not in heads
+    genesis, chain = load_chain(out, honest[0], summary["run_id"])
+    assert chain[-1].id == heads.pop()
+    for d in honest[1:]:
+        assert [b.id for b in load_chain(out, d, summary["run_id"])[1]] == [b.id for b in chain]
+
+    # malicious updates are voted out every round their device was a worker ...
+    malicious_worker_rounds = 0
+    for r in summary["rounds"]:
+        bad = malicious & set(r["workers"])
+        malicious_worker_rounds += len(bad)
+        assert bad <= set(r["rejected"]) and not bad & set(r["accepted"]), r
+        assert set(r["accepted"]) <= set(honest)
+    assert malicious_worker_rounds >= 1, "the test run never had a malicious worker; change the seed"
+
+    # ... and not averaged: G_j is the FedAvg of exactly the accepted updates' blobs
+    store = bl.BlobStore(out / "agents" / honest[0] / "blobs")
+    for blk in chain:
+        inputs = ledger.aggregation_inputs(blk.body)
+        accepted_models = {w["body"]["model"] for w in blk.body["wtxs"] if w["body"]["sender"] in blk.body["accepted"]}
+        assert {h for h, _ in inputs} == accepted_models
+        g = bl.fedavg([(store.get_params(h, genesis.arch), n) for h, n in inputs])
+        assert bl.blob_hash(bl.encode(g)) == blk.body["global_model"]
+
+    # stakes recomputed from the chain match the agents' own and the summary's
+    state = ledger.replay(genesis, chain)
+    assert summary["stakes"] == {d: state.stake(d) for d in genesis.device_ids}
+    for d in honest:
+        assert summary["reported_stakes"][d] == state.stake(d)
+    assert max(state.stake(d) for d in honest) > max(state.stake(d) for d in malicious)
+    assert all(r["accuracy"] > 10 for r in summary["rounds"][1:])
+    return summary
+
+
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+def test_small_run_over_real_broker(broker, tmp_path, request):
+    out = tmp_path / "out"
+    args = [*SMALL, "--out", str(out), "--seed", "1"]
+    if broker == "mosquitto":
+        args += ["--broker", request.getfixturevalue("mosquitto_broker")]
+    proc = bfl("run", *args)
+    summary = check_run(out, proc)
+    assert summary["config"]["broker"] == ("embedded" if broker == "embedded" else args[-1])
+    # the per-round lines were printed
+    assert proc.stdout.count("round ") >= 3 and "winner" in proc.stdout
+
+
+def test_validator_only_devices_run_without_torch(tmp_path, mosquitto_broker):
+    """Two agents cannot import torch at all; they validate and mine (ONNX Runtime) while
+    the others train. A torch import on their code path would crash them."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked for this validator-only device')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    from edge_agent.protocol.crypto import KeyPair
+
+    out = tmp_path / "out"
+    operator = KeyPair.generate()
+    operator.save(tmp_path / "operator.key")
+    procs = []
+    try:
+        for dev in ("v0", "v1"):
+            KeyPair.generate().save(tmp_path / f"{dev}.key")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "edge_agent.cli", "run", "--id", dev, "--key", str(tmp_path / f"{dev}.key"),
+                     "--broker", mosquitto_broker, "--operator-key", operator.public_hex,
+                     "--workdir", str(tmp_path / dev), "--caps", "validate,mine", "--exit-after-run"],
+                    env=env, stdout=open(tmp_path / f"{dev}.log", "wb"), stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            )
+        torch_ok = []
+        for dev in ("w0", "w1", "w2", "w3"):
+            KeyPair.generate().save(tmp_path / f"{dev}.key")
+            torch_ok.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "edge_agent.cli", "run", "--id", dev, "--key", str(tmp_path / f"{dev}.key"),
+                     "--broker", mosquitto_broker, "--operator-key", operator.public_hex,
+                     "--workdir", str(tmp_path / dev), "--exit-after-run"],
+                    stdout=open(tmp_path / f"{dev}.log", "wb"), stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            )
+        procs += torch_ok
+        proc = bfl(
+            "run", "--devices", "6", "--roles", "3,2,1", "--rounds", "2", "--model", "mlp",
+            "--dataset", "fashion-mnist", "--samples-per-device", "200", "--partition", "iid",
+            "--broker", mosquitto_broker, "--external", "--operator-key", str(tmp_path / "operator.key"),
+            "--out", str(out), "--quiet", "--deadlines", "120,60,60",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert len(set(summary["heads"].values())) == 1
+        for r in summary["rounds"]:
+            assert not {"v0", "v1"} & set(r["workers"])  # never asked to train
+        for dev in ("v0", "v1"):
+            store = ChainStore(tmp_path / dev / "runs", summary["run_id"])
+            assert len(store.load_blocks()) == 2
+            log = (tmp_path / f"{dev}.log").read_text()
+            assert "Traceback" not in log, log[-2000:]
+    finally:
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_unreachable_broker_is_a_one_line_error(tmp_path):
+    from broker import free_port
+
+    proc = bfl("run", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--dataset", "fashion-mnist", "--out", str(tmp_path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the MQTT broker" in lines[0], proc.stderr
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    proc = bfl("run", "--dataset", "mnist", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bfl data fetch mnist" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--roles", "12,5"], "--roles"),
+        (["--devices", "5", "--roles", "4,2,2"], "needs 8 devices"),
+        (["--model", "resnet"], "--model"),
+        (["--vote-ref", "magic"], "--vote-ref"),
+        (["--broker", "http://x"], "mqtt://"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args, needle, tmp_path):
+    proc = bfl("run", "--dataset", "fashion-mnist", "--out", str(tmp_path), *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
