@@ -33,7 +33,7 @@ import sys
 import threading
 from typing import Any
 
-from broker import BrokerError, free_port, wait_for_port
+from broker import BrokerError
 
 __all__ = ["EmbeddedBroker", "amqtt_config", "main"]
 
@@ -131,12 +131,10 @@ class EmbeddedBroker:
             self._thread.join(5)
             self._thread = None
             raise BrokerError(f"embedded broker on {host}:{port} failed to start: {_one_line(self._error)}")
+        # Broker.start() returns after asyncio.start_server() has called listen(): the port
+        # accepts connections now. (No TCP probe: amqtt would keep the half-open probe
+        # connection until shutdown.)
         assert self.port is not None
-        try:
-            wait_for_port(self._connect_host(), self.port, timeout)
-        except BrokerError:
-            self._abort()
-            raise
         return self.url
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -9,7 +9,7 @@
 
 Topic layout (fixed; ``R`` = run topic root ``bfl/v1``, ``<run>`` = run id, ``%u`` = username)::
 
-    R/<run>/<kind>/<device_id>[/...]   kind in wtx vtx block blob report head ack sync  (device)
+    R/<run>/<kind>/<device_id>[/...]   kind in wtx vtx block blob sync chain head report ack (device)
     R/devices/<device_id>/hello|status                                             (device)
     R/<run>/genesis                                                                (operator)
     R/<run>/cmd/<device_id>[/...]                       (operator writes; only that device reads)
@@ -51,7 +51,8 @@ __all__ = [
 ]
 
 #: Per-run message kinds a device publishes under its own id: bfl/v1/<run>/<kind>/<device_id>/...
-DEVICE_KINDS: tuple[str, ...] = ("wtx", "vtx", "block", "blob", "report", "head", "ack", "sync")
+#: Must cover edge_agent.protocol.messages.RUN_KINDS (a test checks it).
+DEVICE_KINDS: tuple[str, ...] = ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "report", "ack")
 MIB = 1024 * 1024
 #: Room for fixed header + topic + packet id: agents keep payloads <= max_packet_size - this.
 PACKET_HEADROOM = 64 * 1024
@@ -495,8 +496,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
     print(
         "next: create the password file (one password per device, username = device id):\n"
         f"  mosquitto_passwd -c {pw_path} {args.operator}\n"
-        f"  for u in {' '.join(devices) or 'd00 d01'}; do mosquitto_passwd -b {pw_path} \"$u\" \"$(openssl rand -hex 12)\"; done\n"
-        f"  (users: {users}; keep the passwords: each agent needs its own)\n"
+        f"  umask 077; for u in {' '.join(devices) or 'd00 d01'}; do p=$(openssl rand -hex 12); "
+        f"mosquitto_passwd -b {pw_path} \"$u\" \"$p\"; echo \"$u $p\" >> device-passwords.txt; done\n"
+        f"  (users: {users}; give each agent its own line of device-passwords.txt)\n"
         f"then: mosquitto -c {out / 'mosquitto.conf'}"
     )
     return 0

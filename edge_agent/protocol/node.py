@@ -64,6 +64,7 @@ FUTURE_ROUNDS = 2  # messages for up to this many rounds ahead are buffered
 FUTURE_LIMIT = 2000  # per round
 SYNC_RETRY_S = 3.0
 PULL_BATCH = 8  # blocks per catch-up answer
+BLOBS_PER_SENDER = 2  # unsolicited blobs kept per sender and round
 
 
 # ---- events ---------------------------------------------------------------------------
@@ -223,7 +224,7 @@ class Node:
             self.chain.append(blk)
         self.ctx: RoundCtx | None = None
         self.future: dict[int, list[Received]] = {}
-        self.early_blobs: dict[str, tuple[str, bytes]] = {}
+        self.unsolicited: Counter[str] = Counter()
         self.seen: set[str] = set()
         self.blobs: set[str] = set()
         self.own_blobs: set[str] = set()
@@ -323,10 +324,7 @@ class Node:
         pending = self.future.pop(j, [])
         for r in [r for r in self.future if r < j]:
             self.drops["stale_round"] += len(self.future.pop(r))
-        for blob_hash, (sender, data) in list(self.early_blobs.items()):
-            if sender in self.ctx.roles.workers:
-                del self.early_blobs[blob_hash]
-                acts += self._accept_blob(blob_hash, data)
+        self.unsolicited.clear()
         for msg in pending:
             acts += self._receive(msg, now, replay=True)
         return acts + self._advance(now)
@@ -453,12 +451,14 @@ class Node:
             self.duplicates += 1
             return []
         ctx = self.ctx
-        if ctx is not None and (sender in ctx.roles.workers or blob_hash in self._wanted()):
-            return self._accept_blob(blob_hash, data)
-        if len(self.early_blobs) >= 4 * len(self.genesis.devices):
-            raise Drop("buffer_full", "early blob")
-        self.early_blobs[blob_hash] = (sender, data)
-        return []
+        expected = ctx is not None and (sender in ctx.roles.workers or blob_hash in self._wanted())
+        if not expected:
+            # e.g. a faster worker's model for the next round: kept (on disk, not in memory),
+            # but at most BLOBS_PER_SENDER unsolicited blobs per sender and round
+            self.unsolicited[sender] += 1
+            if self.unsolicited[sender] > BLOBS_PER_SENDER:
+                raise Drop("too_many_blobs", sender)
+        return self._accept_blob(blob_hash, data)
 
     def _accept_blob(self, blob_hash: str, data: bytes) -> list:
         self.blobs.add(blob_hash)
