@@ -22,8 +22,9 @@ log = logging.getLogger("bfl.runtime")
 def attack_kwargs(attack: dict) -> dict:
     """Command bodies carry integers; the attack functions take floats."""
     kw = {}
-    if "variance_milli" in attack:
-        kw["variance"] = attack["variance_milli"] / 1000
+    for key, name in (("variance_milli", "variance"), ("scale_milli", "scale")):
+        if isinstance(attack.get(key), int):
+            kw[name] = attack[key] / 1000
     return kw
 
 
@@ -119,15 +120,20 @@ class Runtime:
         out, self.timings = {f"{k}_ms": v for k, v in self.timings.items()}, {}
         return out
 
-    def _train_params(self, base: dict, epochs: int, seed: int) -> dict:
+    def _train_params(self, base: dict, epochs: int, seed: int, flip_labels: bool = False) -> dict:
         from .ml.train import train_local  # torch, only here
 
         hp = self.genesis.hp
+        y = self.data.train_y
+        if flip_labels:
+            from .ml.attacks import flip_labels as flip
+
+            y = flip(y)
         return train_local(
             self.arch,
             base,
             self.data.train_x,
-            self.data.train_y,
+            y,
             epochs=epochs,
             batch_size=hp["batch_size"],
             lr=self.genesis.lr,
@@ -136,12 +142,18 @@ class Runtime:
         )
 
     def train(self, a: nd.Train) -> nd.TrainingDone:
-        params = self._train_params(self._params(a.base_model), self.genesis.hp["local_epochs"], a.seed)
-        if a.attack and a.attack.get("name") not in (None, "invert_votes"):
-            from .ml.attacks import apply_attack
+        from .ml.attacks import ATTACKS, apply_attack
 
-            params = apply_attack(a.attack["name"], params, a.seed, **attack_kwargs(a.attack))
-            log.info("%s: round %d: applied attack %s", self.me, a.round, a.attack["name"])
+        name = (a.attack or {}).get("name")
+        base = self._params(a.base_model)
+        if name == "lazy":  # skips training altogether
+            params = dict(base)
+        else:
+            params = self._train_params(base, self.genesis.hp["local_epochs"], a.seed, flip_labels=name == "label_flip")
+        if name in ATTACKS:
+            params = apply_attack(name, params, a.seed, base=base, **attack_kwargs(a.attack))
+        if name:
+            log.info("%s: round %d: malicious behaviour %s", self.me, a.round, name)
         return nd.TrainingDone(a.round, bl.encode(params))
 
     def evaluate(self, a: nd.Evaluate) -> nd.EvaluationDone:

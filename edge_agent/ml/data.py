@@ -7,7 +7,10 @@ Validators run without torch, so this module must never import it (only
   with the Debian ``dataset-fashion-mnist`` package as an offline fallback.
 * Partitions: FedAvg-style label shards (McMahan et al. 2017, "Communication-Efficient
   Learning of Deep Networks from Decentralized Data": sort by label, cut into
-  ``2 * n_devices`` shards, two shards per device -> pathological non-IID) and IID.
+  ``2 * n_devices`` shards, two shards per device -> pathological non-IID), IID, and
+  Dirichlet label skew (Hsu, Qi and Brown 2019, "Measuring the Effects of Non-Identical
+  Data Distribution for Federated Visual Classification": each device's label
+  proportions ~ Dir(alpha); small alpha -> few labels per device, large alpha -> IID).
 * Test splits: every device holds its own disjoint IID slice of the test set,
   independent of its training partition; validators evaluate models on theirs.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -42,7 +46,7 @@ __all__ = [
 ]
 
 DATASETS = ("mnist", "fashion-mnist")
-PARTITIONS = ("shards", "iid")
+PARTITIONS = ("shards", "iid", "dirichlet")
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # Sub-directory names used by torchvision (<root>/<Name>/raw/<files>).
@@ -250,7 +254,12 @@ def _rng(seed: int, tag: int) -> np.random.Generator:
 
 
 def partition_train(
-    labels: np.ndarray, n_devices: int, scheme: str, samples_per_device: int, seed: int
+    labels: np.ndarray,
+    n_devices: int,
+    scheme: str,
+    samples_per_device: int,
+    seed: int,
+    alpha: float = 0.5,
 ) -> list[np.ndarray]:
     """Split training indices into ``n_devices`` disjoint int64 index arrays.
 
@@ -262,6 +271,9 @@ def partition_train(
     half, and each device gets one of each so that all devices hold the same count.
 
     ``"iid"``: a seeded permutation cut into consecutive slices.
+
+    ``"dirichlet"`` (Hsu et al. 2019): see :func:`_dirichlet_partition`; ``alpha`` (> 0)
+    is its concentration and is ignored by the other schemes.
     """
     labels = np.asarray(labels)
     n_devices, per = int(n_devices), int(samples_per_device)
@@ -278,6 +290,8 @@ def partition_train(
     if scheme == "shards" and per < 2:
         raise ValueError("the shards partition needs samples_per_device >= 2 (two shards each)")
     rng = _rng(seed, _TAG_TRAIN)
+    if scheme == "dirichlet":
+        return _dirichlet_partition(labels, n_devices, per, float(alpha), rng)
     chosen = rng.permutation(len(labels))[:total].astype(np.int64)
     if scheme == "iid":
         return [chosen[d * per : (d + 1) * per].copy() for d in range(n_devices)]
@@ -294,6 +308,53 @@ def partition_train(
             [2 * rng.permutation(n_devices), 2 * rng.permutation(n_devices) + 1], axis=1
         )
     return [np.concatenate([shards[a], shards[b]]) for a, b in pairs]
+
+
+def _dirichlet_partition(
+    labels: np.ndarray, n_devices: int, per: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Dirichlet label-skew partition (Hsu et al. 2019), exactly ``per`` samples per device.
+
+    Each class's indices are shuffled once; devices are then served in index order.
+    Device d draws label proportions p_d ~ Dir(alpha * 1_K) and per-class counts
+    ~ Multinomial(per, p_d), and takes those counts from the front of each class's
+    unused indices (sampling without replacement, so devices are disjoint).
+
+    Exhaustion: when a class has fewer unused samples than requested, the device takes
+    what is left and redistributes the shortfall over the classes that still have
+    samples, with a new multinomial draw proportional to p_d restricted to those classes
+    (or to their remaining counts if p_d puts no mass on any of them); this repeats until
+    the device holds ``per`` samples, which always terminates because every draw lands
+    on an available class and ``n_devices * per <= len(labels)``. Later devices are thus
+    somewhat less skewed when the data set is nearly used up.
+    """
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"dirichlet alpha must be a finite number > 0, got {alpha}")
+    labels = labels.astype(np.int64)
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    pools = [rng.permutation(np.flatnonzero(labels == c)).astype(np.int64) for c in range(n_classes)]
+    used = np.zeros(n_classes, dtype=np.int64)
+    sizes = np.array([len(p) for p in pools], dtype=np.int64)
+    parts: list[np.ndarray] = []
+    for _ in range(n_devices):
+        p = rng.dirichlet(np.full(n_classes, alpha))
+        p = np.where(np.isfinite(p), p, 0.0)
+        take = np.zeros(n_classes, dtype=np.int64)
+        need, weights = per, p
+        while need > 0:
+            left = sizes - used - take
+            avail = left > 0
+            w = np.where(avail, weights, 0.0)
+            if w.sum() <= 0:
+                w = left.clip(min=0).astype(np.float64)
+            draw = rng.multinomial(need, w / w.sum())
+            got = np.minimum(draw, left.clip(min=0))
+            take += got
+            need -= int(got.sum())
+        chunks = [pools[c][used[c] : used[c] + take[c]] for c in range(n_classes)]
+        used += take
+        parts.append(rng.permutation(np.concatenate(chunks)).astype(np.int64))
+    return parts
 
 
 def test_split(n_test: int, n_devices: int, per_device: int, seed: int) -> list[np.ndarray]:
@@ -332,8 +393,10 @@ def normalize(x_uint8: np.ndarray, dataset: str) -> np.ndarray:
 def device_data(spec: dict, device_index: int, data_dir: str | Path | None = None) -> DeviceData:
     """The training partition and test split of device ``device_index`` under ``spec``.
 
-    ``spec`` = {"dataset", "partition": "shards"|"iid", "samples_per_device",
-    "test_per_device", "seed", "n_devices"}; missing sizes default to an even split of
+    ``spec`` = {"dataset", "partition": "shards"|"iid"|"dirichlet", "samples_per_device",
+    "test_per_device", "seed", "n_devices", "alpha_milli"}; ``alpha_milli`` is the
+    Dirichlet concentration times 1000 (integer, default 500 = alpha 0.5, used by the
+    "dirichlet" partition only); missing sizes default to an even split of
     the whole train / test set. Every device computes the full partition from the same
     spec, so all agree on who holds which samples.
     """
@@ -345,8 +408,9 @@ def device_data(spec: dict, device_index: int, data_dir: str | Path | None = Non
     seed = int(spec.get("seed", 0))
     per = spec.get("samples_per_device") or len(ds.train_y) // n_devices
     per_test = spec.get("test_per_device") or len(ds.test_y) // n_devices
+    alpha = int(spec.get("alpha_milli", 500)) / 1000
     train_idx = partition_train(
-        ds.train_y, n_devices, str(spec.get("partition", "shards")), int(per), seed
+        ds.train_y, n_devices, str(spec.get("partition", "shards")), int(per), seed, alpha=alpha
     )[device_index]
     test_idx = test_split(len(ds.test_y), n_devices, int(per_test), seed)[device_index]
     return DeviceData(
