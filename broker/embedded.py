@@ -214,6 +214,11 @@ class EmbeddedBroker:
 
         self._stop_evt = asyncio.Event()
         broker = Broker(amqtt_config(host, port), loop=asyncio.get_running_loop())
+        # amqtt 0.12 iterates its subscription table across awaits (Broker._handle_client_session
+        # publishes retained messages inside `for topic in self._subscriptions`), so a client
+        # that subscribes meanwhile raises "dictionary changed size during iteration" and the
+        # connecting client is dropped. Iterating over a snapshot avoids that.
+        broker._subscriptions = _SnapshotDict(broker._subscriptions)
         await broker.start()
         try:
             self.port = _bound_port(broker) or port
@@ -226,6 +231,16 @@ class EmbeddedBroker:
                 await asyncio.wait_for(broker.shutdown(), 10)
             except Exception as exc:  # noqa: BLE001
                 _log.debug("amqtt shutdown: %s", exc)
+
+
+class _SnapshotDict(dict):
+    """A dict whose iteration walks a copy of its keys/items (see EmbeddedBroker._serve)."""
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):  # type: ignore[override]
+        return list(super().items())
 
 
 def _bound_port(broker: Any) -> int | None:

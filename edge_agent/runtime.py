@@ -38,6 +38,7 @@ class Runtime:
         self._data: DeviceData | None = None
         self._evaluator = None
         self._scores: dict[str, tuple[int, int]] = {}
+        self._personal: tuple[int, dict] | None = None  # pFedMe: (round, theta)
         self.timings: dict[str, int] = {}
 
     @property
@@ -77,10 +78,16 @@ class Runtime:
         return params
 
     def _score(self, h: str) -> tuple[int, int]:
-        """(accuracy bp, cross-entropy milli-nats) of model ``h`` on this device's test split."""
+        """(accuracy bp, cross-entropy milli-nats) of model ``h`` on this device's test split.
+
+        A model with NaN/inf weights is scored for what it predicts (about chance) with the
+        maximal loss; one that does not decode at all scores (0, max)."""
         if h not in self._scores:
             try:
-                params = self._params(h)
+                data = self.store.get(h)
+                if data is None:
+                    raise RuntimeError(f"blob {h[:12]} not in the store")
+                params = bl.decode(data, self.arch, finite=False)
             except ValueError as exc:  # undecodable, wrong shapes or non-finite: worthless
                 log.warning("%s: model %s unusable: %s", self.me, h[:12], exc)
                 self._scores[h] = (0, 10**9)
@@ -105,7 +112,7 @@ class Runtime:
             if isinstance(action, nd.Aggregate):
                 return self.aggregate(action)
             if isinstance(action, nd.EvaluateGlobal):
-                return nd.GlobalEvaluated(action.height, action.model_hash, self._accuracy(action.model_hash))
+                return self.evaluate_global(action)
             raise TypeError(action)
         except Exception as exc:  # reported to the node, never fatal
             log.exception("%s: %s failed", self.me, type(action).__name__)
@@ -148,6 +155,8 @@ class Runtime:
         base = self._params(a.base_model)
         if name == "lazy":  # skips training altogether
             params = dict(base)
+        elif self.genesis.protocol == "pfedme":
+            params = self._train_pfedme(base, a, flip_labels=name == "label_flip")
         else:
             params = self._train_params(base, self.genesis.hp["local_epochs"], a.seed, flip_labels=name == "label_flip")
         if name in ATTACKS:
@@ -155,6 +164,37 @@ class Runtime:
         if name:
             log.info("%s: round %d: malicious behaviour %s", self.me, a.round, name)
         return nd.TrainingDone(a.round, bl.encode(params))
+
+    def _train_pfedme(self, base: dict, a: nd.Train, flip_labels: bool) -> dict:
+        from .ml.attacks import flip_labels as flip
+        from .ml.train import train_pfedme
+
+        p = self.genesis.hp["pfedme"]
+        y = flip(self.data.train_y) if flip_labels else self.data.train_y
+        w, theta = train_pfedme(
+            self.arch,
+            base,
+            self.data.train_x,
+            y,
+            local_iters=p["local_iters"],
+            batch_size=p["batch_size"],
+            k=p["k"],
+            personal_lr=p["personal_lr_e6"] / 1e6,
+            lr=p["lr_e6"] / 1e6,
+            lam=p["lam"],
+            seed=a.seed,
+            threads=self.threads,
+        )
+        self._personal = (a.round, theta)
+        return w
+
+    def evaluate_global(self, a: nd.EvaluateGlobal) -> nd.GlobalEvaluated:
+        """Accuracy reported after block ``height``: of G_j, or for pFedMe of the device's
+        personalized model of that round (what pFedMe reports)."""
+        if self._personal is not None and self._personal[0] == a.height:
+            acc, _ = self.evaluator.scores(self._personal[1], self.data.test_x, self.data.test_y)
+            return nd.GlobalEvaluated(a.height, a.model_hash, acc)
+        return nd.GlobalEvaluated(a.height, a.model_hash, self._accuracy(a.model_hash))
 
     def evaluate(self, a: nd.Evaluate) -> nd.EvaluationDone:
         global_bp = self._accuracy(a.base_model)
@@ -168,8 +208,19 @@ class Runtime:
         )
 
     def aggregate(self, a: nd.Aggregate) -> nd.AggregateDone:
+        """FedAvg of the inputs. An update that does not decode to finite parameters of the
+        architecture (e.g. a diverged baseline) is skipped -- the same rule on every device,
+        so every device still computes the same G_j; with none left, G_j = G_{j-1}."""
         missing = tuple(h for h, _ in a.inputs if not self.store.has(h))
         if missing:
             return nd.AggregateDone(a.key, None, missing)
-        g = bl.fedavg([(self._params(h), n) for h, n in a.inputs])
+        updates = []
+        for h, n in a.inputs:
+            try:
+                updates.append((self._params(h), n))
+            except ValueError as exc:
+                log.warning("%s: FedAvg skips update %s: %s", self.me, h[:12], exc)
+        if not updates:
+            return nd.AggregateDone(a.key, a.base)
+        g = bl.fedavg(updates)
         return nd.AggregateDone(a.key, self.store.put(bl.encode(g)))

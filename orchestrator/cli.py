@@ -42,16 +42,20 @@ def parse_deadlines(text: str) -> tuple[int, int, int]:
 
 @app.command()
 def run(
+    protocol: str = typer.Option("pos-bfl", help="pos-bfl | vanilla (FedAvg, no validation) | pfedme (Dinh et al. 2020)."),
     devices: int = typer.Option(20, help="Number of devices."),
     roles: str = typer.Option("12,5,3", help="Workers, validators, miners per round."),
     malicious: int = typer.Option(0, help="How many devices are malicious (chosen with --seed)."),
     malicious_ids: Optional[str] = typer.Option(None, help="Comma-separated malicious device ids instead."),
-    attack: str = typer.Option("gaussian", help="gaussian (N(0,1) added to every parameter) | invert_votes."),
+    attack: str = typer.Option(
+        "gaussian", help="gaussian (N(0,1) on every parameter) | sign_flip | scale | lazy | label_flip | invert_votes."
+    ),
     rounds: int = typer.Option(10, help="Communication rounds (the paper runs 100)."),
     dataset: str = typer.Option("mnist", help="mnist | fashion-mnist."),
     data_dir: Optional[Path] = typer.Option(None, help="Directory with the IDX files."),
     model: str = typer.Option("cnn", help="cnn (the paper's) | mlp (784-200-200-10)."),
-    partition: str = typer.Option("shards", help="shards (non-IID, the paper's) | iid."),
+    partition: str = typer.Option("shards", help="shards (non-IID, the paper's) | iid | dirichlet."),
+    alpha: float = typer.Option(0.5, help="Dirichlet concentration for --partition dirichlet."),
     samples_per_device: Optional[int] = typer.Option(None, help="Training samples per device (default: an even split)."),
     test_per_device: Optional[int] = typer.Option(None, help="Test images per device (default 500)."),
     local_epochs: int = typer.Option(5, help="Local epochs le."),
@@ -95,6 +99,7 @@ def run(
         except TransportError as exc:
             fail(str(exc))
     cfg = RunConfig(
+        protocol=protocol,
         devices=devices,
         roles=parse_roles(roles),
         malicious=malicious,
@@ -105,6 +110,7 @@ def run(
         data_dir=data_dir,
         model=model,
         partition=partition,
+        alpha=alpha,
         samples_per_device=samples_per_device,
         test_per_device=test_per_device,
         local_epochs=local_epochs,
@@ -133,7 +139,7 @@ def run(
         devices_info = exp.start_agents()
         exp.publish_genesis(devices_info)
         console.print(
-            f"run {exp.run_id}: {len(devices_info)} devices, roles {cfg.roles}, "
+            f"run {exp.run_id} ({cfg.protocol}): {len(devices_info)} devices, roles {cfg.roles}, "
             f"malicious {', '.join(exp.malicious) or 'none'} ({cfg.attack}), {cfg.model} on {cfg.dataset}/{cfg.partition}",
             highlight=False,
         )

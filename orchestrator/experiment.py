@@ -16,6 +16,7 @@ from edge_agent.ml import blobs as bl
 from edge_agent.ml.arch import init_params
 from edge_agent.protocol.crypto import KeyPair
 from edge_agent.protocol.genesis import Genesis, make_genesis_body
+from edge_agent.protocol.ledger import PROTOCOLS
 from edge_agent.protocol.messages import device_topic, sign, topic
 from edge_agent.transport import Mqtt
 
@@ -26,11 +27,12 @@ class ExperimentError(Exception):
     """A one-line, actionable failure of the experiment set-up."""
 
 
-ATTACKS = ("gaussian", "invert_votes")
+ATTACKS = ("gaussian", "sign_flip", "scale", "lazy", "label_flip", "invert_votes")
 
 
 @dataclass
 class RunConfig:
+    protocol: str = "pos-bfl"
     devices: int = 20
     roles: tuple[int, int, int] = (12, 5, 3)
     malicious: int = 0
@@ -41,6 +43,7 @@ class RunConfig:
     data_dir: Path | None = None
     model: str = "cnn"
     partition: str = "shards"
+    alpha: float = 0.5  # Dirichlet concentration (partition dirichlet)
     samples_per_device: int | None = None
     test_per_device: int | None = None
     local_epochs: int = 5
@@ -102,6 +105,7 @@ def data_spec(cfg: RunConfig) -> dict:
         "test_per_device": tpd,
         "seed": cfg.seed,
         "n_devices": n,
+        **({"alpha_milli": round(cfg.alpha * 1000)} if cfg.partition == "dirichlet" else {}),
     }
 
 
@@ -189,8 +193,14 @@ class Experiment:
         self._check_roles()
         if cfg.model not in ("mlp", "cnn"):
             raise ExperimentError(f"--model {cfg.model!r}: choose mlp or cnn")
-        if cfg.partition not in ("shards", "iid"):
-            raise ExperimentError(f"--partition {cfg.partition!r}: choose shards or iid")
+        from edge_agent.ml.data import PARTITIONS
+
+        if cfg.partition not in PARTITIONS:
+            raise ExperimentError(f"--partition {cfg.partition!r}: choose one of {', '.join(PARTITIONS)}")
+        if cfg.alpha <= 0:
+            raise ExperimentError("--alpha must be > 0")
+        if cfg.protocol not in PROTOCOLS:
+            raise ExperimentError(f"--protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         if cfg.attack not in ATTACKS:
             raise ExperimentError(f"--attack {cfg.attack!r}: choose one of {', '.join(ATTACKS)}")
         spec = data_spec(cfg)
@@ -285,6 +295,7 @@ class Experiment:
             knockout=cfg.knockout,
             vote_ref=cfg.vote_ref,
             loss_guard=cfg.loss_guard,
+            protocol=cfg.protocol,
             deadlines_ms={k: s * 1000 for k, s in zip(("train", "validate", "mine"), cfg.deadlines_s)},
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
@@ -350,7 +361,7 @@ class Experiment:
         final = obs.reports.get(len(self.results), {})
         return {
             "run_id": self.run_id,
-            "protocol": "pos-bfl",
+            "protocol": self.cfg.protocol,
             "devices": len(self.genesis.device_ids),
             "roles": list(self.cfg.roles),
             "malicious": self.malicious,
@@ -378,6 +389,45 @@ class Experiment:
             "blacklist": sorted(state.blacklist),
             "dropped_messages": {d: r.get("drops", {}) for d, r in sorted(final.items()) if r.get("drops")},
         }
+
+    def csv_rows(self, experiment: str, setting: str, repeat: int) -> tuple[list[dict], list[dict]]:
+        """Per-round rows (accuracy, decisions, votes) and per-device stakes, from the chain."""
+        from edge_agent.protocol import ledger as lg
+        from edge_agent.protocol.messages import from_json
+
+        assert self.genesis is not None and self.observer is not None
+        mal = set(self.malicious)
+        honest = set(self.genesis.device_ids) - mal
+        ident = {
+            "experiment": experiment,
+            "setting": setting,
+            "protocol": self.cfg.protocol,
+            "malicious": len(mal),
+            "repeat": repeat,
+            "run_id": self.run_id,
+        }
+        rounds, stakes = [], []
+        state = lg.genesis_state(self.genesis)
+        for res, blk in zip(self.results, self.observer.chain(len(self.results), honest)):
+            state = lg.process_block(self.genesis, state, blk)
+            votes = [v for raw in blk.body["vtxs"] for v in from_json(raw).body["votes"]]
+            rounds.append(
+                {
+                    **ident,
+                    "round": res.round,
+                    "accuracy": round(res.accuracy, 2),
+                    "accepted": len(res.accepted),
+                    "rejected": len(res.rejected),
+                    "malicious_workers": len(mal & set(res.workers)),
+                    "malicious_accepted": len(mal & set(res.accepted)),
+                    "votes_positive": sum(1 for v in votes if v["positive"]),
+                    "votes_negative": sum(1 for v in votes if not v["positive"]),
+                    "seconds": round(res.seconds, 2),
+                }
+            )
+            for d in self.genesis.device_ids:
+                stakes.append({**ident, "round": res.round, "device": d, "stake": state.stake(d), "is_malicious": int(d in mal)})
+        return rounds, stakes
 
     def write_summary(self) -> Path:
         path = self.out / "summary.json"

@@ -77,8 +77,9 @@ def init_params(arch: str, seed: int) -> dict[str, np.ndarray]:
     return params
 
 
-def check_params(arch: str, params: dict[str, np.ndarray]) -> None:
-    """Raise ValueError (one line) unless ``params`` is a valid float32 ``arch`` model."""
+def check_params(arch: str, params: dict[str, np.ndarray], finite: bool = True) -> None:
+    """Raise ValueError (one line) unless ``params`` is a valid float32 ``arch`` model
+    (with ``finite``, also free of NaN and infinities)."""
     expected = param_shapes(arch)
     if not isinstance(params, dict):
         raise ValueError(f"{arch} params must be a dict, got {type(params).__name__}")
@@ -95,5 +96,5 @@ def check_params(arch: str, params: dict[str, np.ndarray]) -> None:
             raise ValueError(f"{arch} param {name} has dtype {value.dtype}, expected float32")
         if value.shape != shape:
             raise ValueError(f"{arch} param {name} has shape {value.shape}, expected {shape}")
-        if not np.isfinite(value).all():
+        if finite and not np.isfinite(value).all():
             raise ValueError(f"{arch} param {name} contains NaN or infinite values")

@@ -55,8 +55,9 @@ def encode(params: dict[str, np.ndarray]) -> bytes:
     return len(head).to_bytes(8, "little") + head + b"".join(chunks)
 
 
-def decode(data: bytes, arch: str) -> dict[str, np.ndarray]:
-    """Parse safetensors bytes into writable float32 arrays; ValueError unless a valid ``arch`` model."""
+def decode(data: bytes, arch: str, finite: bool = True) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes into writable float32 arrays; ValueError unless a valid ``arch``
+    model (``finite=False`` lets NaN/inf through, e.g. to score a diverged model)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"model blob must be bytes, got {type(data).__name__}")
     try:
@@ -65,7 +66,7 @@ def decode(data: bytes, arch: str) -> dict[str, np.ndarray]:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"malformed model blob ({len(data)} bytes): {reason}") from None
     params = {k: np.array(v, dtype=v.dtype, copy=True, order="C") for k, v in loaded.items()}
-    check_params(arch, params)
+    check_params(arch, params, finite=finite)
     return params
 
 

@@ -111,7 +111,7 @@ class Evaluator:
         return self._session
 
     def _feeds(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_params(self.arch, params)
+        check_params(self.arch, params, finite=False)  # a diverged model is scored, not refused
         return {k: np.ascontiguousarray(params[k]) for k, _ in param_shapes(self.arch)}
 
     @staticmethod
@@ -158,8 +158,11 @@ class Evaluator:
         y = np.asarray(y).reshape(-1)
         if len(y) == 0 or len(y) != len(x):
             raise ValueError(f"{len(x)} images but {len(y)} labels")
-        z = self.predict(params, x).astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            z = self.predict(params, x).astype(np.float64)
         acc = int((z.argmax(axis=1) == y).sum()) * 10000 // len(y)
+        if not np.isfinite(z).all():
+            return acc, 10**9
         z -= z.max(axis=1, keepdims=True)
         loss = float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
         return acc, int(min(loss * 1000, 1e9)) if np.isfinite(loss) else 10**9

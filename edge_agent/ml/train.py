@@ -113,6 +113,61 @@ def train_local(
     return _export(model, arch)
 
 
+def train_pfedme(
+    arch: str,
+    params: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    local_iters: int,
+    batch_size: int,
+    k: int,
+    personal_lr: float,
+    lr: float,
+    lam: float,
+    seed: int,
+    threads: int = 1,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """pFedMe's client update (Dinh, Tran, Nguyen, "Personalized Federated Learning with
+    Moreau Envelopes", NeurIPS 2020, Algorithm 1).
+
+    For each of ``local_iters`` mini-batches: K steps solve the personalized problem
+    theta <- theta - personal_lr * (grad f(theta) + lam * (theta - w)), then the local model
+    moves towards it, w <- w - lr * lam * (w - theta). Returns (w, theta): w is sent for
+    aggregation, theta is the device's personalized model (whose accuracy pFedMe reports).
+    """
+    torch.set_num_threads(int(threads))
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"need the same non-zero number of images and labels, got {len(x)}, {len(y)}")
+    theta = _load(arch, params)
+    theta.train()
+    w = {name: p.detach().clone() for name, p in theta.named_parameters()}
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    gen = torch.Generator().manual_seed(int(seed))
+    n, b = len(xt), min(int(batch_size), len(xt))
+    order, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(int(local_iters)):
+        if pos + b > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + b]
+        pos += b
+        for _ in range(int(k)):
+            theta.zero_grad(set_to_none=True)
+            F.cross_entropy(theta(xt[idx]), yt[idx]).backward()
+            with torch.no_grad():
+                for name, p in theta.named_parameters():
+                    p -= personal_lr * (p.grad + lam * (p - w[name]))
+        with torch.no_grad():
+            for name, p in theta.named_parameters():
+                w[name] -= lr * lam * (w[name] - p)
+    personal = _export(theta, arch)
+    with torch.no_grad():
+        for name, p in theta.named_parameters():
+            p.copy_(w[name])
+    return _export(theta, arch), personal
+
+
 @torch.no_grad()
 def torch_predict(arch: str, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     """Logits float32 [n, 10] computed by the torch module (for cross-checks)."""

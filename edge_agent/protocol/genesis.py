@@ -18,6 +18,18 @@ from functools import cached_property
 from .messages import Drop, Envelope, check_signature, valid_hash, valid_id
 
 VOTE_REFERENCES = ("global", "median", "trained")
+
+# pFedMe (Dinh, Tran, Nguyen, NeurIPS 2020), the defaults of its MNIST experiments:
+# personal learning rate 0.1, learning rate eta 0.005, lambda 15, K = 5 inner steps,
+# R = 20 local iterations of batch 20, beta = 1. Integers: rates in millionths.
+PFEDME_DEFAULTS = {
+    "personal_lr_e6": 100_000,
+    "lr_e6": 5_000,
+    "lam": 15,
+    "k": 5,
+    "local_iters": 20,
+    "batch_size": 20,
+}
 CAPABILITIES = ("train", "validate", "mine")
 
 
@@ -87,6 +99,10 @@ class Genesis:
         return self.body["deadlines_ms"]
 
     @property
+    def protocol(self) -> str:
+        return self.body.get("protocol", "pos-bfl")
+
+    @property
     def lr(self) -> float:
         return self.hp["lr_e6"] / 1e6
 
@@ -112,6 +128,7 @@ def make_genesis_body(
     loss_guard: int = 10,
     deadlines_ms: dict[str, int] | None = None,
     protocol: str = "pos-bfl",
+    pfedme: dict | None = None,
     created: str = "",
 ) -> dict:
     body = {
@@ -136,6 +153,7 @@ def make_genesis_body(
             "knockout": knockout,
             "vote_ref": vote_ref,
             "loss_guard": loss_guard,
+            **({"pfedme": pfedme or dict(PFEDME_DEFAULTS)} if protocol == "pfedme" else {}),
         },
         "deadlines_ms": deadlines_ms
         or {"train": 900_000, "validate": 300_000, "mine": 120_000},
@@ -170,6 +188,9 @@ def check_genesis_body(body: dict) -> None:
         for key in ("lr_e6", "batch_size", "local_epochs", "vh_bp", "unit_reward", "knockout", "loss_guard"):
             need(isinstance(hp[key], int) and hp[key] >= 0, f"hp.{key}")
         need(hp["vote_ref"] in VOTE_REFERENCES, "hp.vote_ref")
+        need(body.get("protocol", "pos-bfl") in ("pos-bfl", "vanilla", "pfedme"), "protocol")
+        if body.get("protocol") == "pfedme":
+            need(all(isinstance(v, int) and v > 0 for v in hp["pfedme"].values()), "hp.pfedme")
         for key in ("train", "validate", "mine"):
             need(isinstance(body["deadlines_ms"][key], int) and body["deadlines_ms"][key] > 0, key)
     except (KeyError, TypeError, ValueError) as exc:

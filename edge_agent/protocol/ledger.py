@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from . import rewards as eq
 from .genesis import Genesis
 from .messages import Drop, Envelope, check_signature, from_json, valid_hash
-from .roles import Roles, assign_roles
+from .roles import Roles, assign_roles, assign_roles_all_train
+
+PROTOCOLS = ("pos-bfl", "vanilla", "pfedme")
 
 
 class InvalidBlock(Exception):
@@ -52,8 +54,15 @@ def genesis_state(genesis: Genesis) -> State:
     )
 
 
+def validated(genesis: Genesis) -> bool:
+    """PoS-BFL votes on updates; the baselines average every update."""
+    return genesis.protocol == "pos-bfl"
+
+
 def roles_for(genesis: Genesis, state: State) -> Roles:
     """Roles of round state.height + 1."""
+    if not validated(genesis):
+        return assign_roles_all_train(state.head, genesis.devices, state.blacklist, genesis.roles[2])
     return assign_roles(state.head, genesis.devices, state.blacklist, genesis.roles)
 
 
@@ -183,12 +192,17 @@ def tally(genesis: Genesis, state: State, miner: str, wtxs: list[Envelope], vtxs
             else:
                 neg[worker] += 1
         credit(vtx.sender, eq.validator_reward(len(verified), len(votes), unit))  # Eq. 2
-    credit(miner, eq.miner_reward(len(vtxs), unit))  # Eq. 3
+    if validated(genesis):
+        credit(miner, eq.miner_reward(len(vtxs), unit))  # Eq. 3
 
     accepted, rejected = [], []
     strikes = dict(state.strikes)
     for w in wtxs:
         dev = w.sender
+        if not validated(genesis):  # vanilla FL / pFedMe: no validation, all averaged
+            accepted.append(dev)
+            credit(dev, eq.worker_reward(w.body["local_epochs"], w.body["n_train"], unit, True))
+            continue
         if pos[dev] + neg[dev] == 0:
             continue  # nobody voted (late or missing blob): neither reward nor strike
         ok = eq.accepted(pos[dev], neg[dev])

@@ -43,6 +43,7 @@ from .ledger import (
     roles_for,
     select_for_block,
     tally,
+    validated,
 )
 from .messages import (
     DEFAULT_MAX_BLOB_BYTES,
@@ -150,6 +151,7 @@ class Evaluate:
 class Aggregate:
     key: str
     inputs: tuple[tuple[str, int], ...]  # (model hash, |train|) in canonical order
+    base: str = ""  # G_{j-1}: the result when no input is usable
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,11 @@ class Node:
     def tick(self, now: float) -> list:
         return self._advance(now)
 
+    def _updates_complete(self) -> bool:
+        ctx = self.ctx
+        assert ctx is not None
+        return all(w in ctx.wtxs and ctx.wtxs[w].body["model"] in self.blobs for w in ctx.roles.workers)
+
     def behind(self) -> bool:
         """Some peer has appended a block we do not have."""
         return any(h > self.state.height for h in self.peer_heights.values())
@@ -318,7 +325,7 @@ class Node:
                 blk = self.pulled.pop(j)
                 self.ctx.candidates[blk.sender] = blk
                 self.ctx.synced = True
-        elif self.ctx.roles.role_of(self.me) == "worker":
+        elif self.ctx.roles.is_worker(self.me):
             self.ctx.training = True
             acts.append(Train(j, self.state.global_model, _seed(self.run, self.me, j), self.attack))
         pending = self.future.pop(j, [])
@@ -335,11 +342,9 @@ class Node:
             return []
         acts: list = []
         t = (now - ctx.started) * 1000
-        me_role = ctx.roles.role_of(self.me)
         g = self.genesis
-        if me_role == "validator" and not ctx.evaluating and not ctx.voted:
-            complete = all(w in ctx.wtxs and ctx.wtxs[w].body["model"] in self.blobs for w in ctx.roles.workers)
-            if complete or t >= self.dl["train"]:
+        if ctx.roles.is_validator(self.me) and not ctx.evaluating and not ctx.voted:
+            if self._updates_complete() or t >= self.dl["train"]:
                 models = tuple(sorted({e.body["model"] for e in ctx.wtxs.values() if e.body["model"] in self.blobs}))
                 if models:
                     ctx.evaluating = True
@@ -354,8 +359,12 @@ class Node:
                     )
                 else:
                     acts += self._publish_vtx(EvaluationDone(ctx.round, 0, None, {}))
-        if me_role == "miner" and not ctx.mining and not ctx.mined and now >= ctx.mine_retry_at:
-            if set(ctx.roles.validators) <= set(ctx.vtxs) or t >= self.dl["train"] + self.dl["validate"]:
+        if ctx.roles.is_miner(self.me) and not ctx.mining and not ctx.mined and now >= ctx.mine_retry_at:
+            if validated(g):
+                ready = set(ctx.roles.validators) <= set(ctx.vtxs) or t >= self.dl["train"] + self.dl["validate"]
+            else:  # baselines: no votes, mine once every update (and its blob) is in
+                ready = self._updates_complete() or t >= self.dl["train"]
+            if ready:
                 acts += self._mine()
         if self.behind() and not ctx.synced and now >= self.next_pull:
             acts += self._pull(now)
@@ -372,7 +381,7 @@ class Node:
             blk = next((c for c in ctx.candidates.values() if c.id == ctx.checking), None)
             ctx.sync_at = 0.0
             if blk is not None:
-                acts.append(Aggregate(blk.id, tuple(aggregation_inputs(blk.body))))
+                acts.append(Aggregate(blk.id, tuple(aggregation_inputs(blk.body)), self.state.global_model))
         return acts
 
     # -- receiving --
@@ -531,7 +540,7 @@ class Node:
 
     def _training_done(self, ev: TrainingDone, now: float) -> list:
         ctx = self.ctx
-        if ctx is None or ev.round != ctx.round or ctx.roles.role_of(self.me) != "worker":
+        if ctx is None or ev.round != ctx.round or not ctx.roles.is_worker(self.me):
             log.info("%s: training result for round %d arrived late; discarded", self.me, ev.round)
             return []
         if len(ev.blob) > self.max_blob_bytes:
@@ -607,7 +616,7 @@ class Node:
             return self._finish_mining(self.state.global_model)
         if inputs in self.aggregates:
             return self._finish_mining(self.aggregates[inputs])
-        return [Aggregate("mine", inputs)]
+        return [Aggregate("mine", inputs, self.state.global_model)]
 
     def _finish_mining(self, global_model: str) -> list:
         ctx = self.ctx
@@ -647,7 +656,7 @@ class Node:
                 ctx.sync_at = now + SYNC_RETRY_S
             return [Publish(topic(self.run, "sync", self.me), req.payload())]
         if ev.key == "mine":
-            if ctx.mined or ctx.roles.role_of(self.me) != "miner":
+            if ctx.mined or not ctx.roles.is_miner(self.me):
                 return []
             wtxs, vtxs = self._mine_txs
             out = tally(self.genesis, self.state, self.me, wtxs, vtxs)
@@ -693,7 +702,7 @@ class Node:
                 ctx.rejected_blocks.add(blk.id)
                 continue
             ctx.checking = blk.id
-            return [Aggregate(blk.id, inputs)]
+            return [Aggregate(blk.id, inputs, self.state.global_model)]
         return []
 
     def _commit(self, blk: Envelope, now: float) -> list:

@@ -19,13 +19,23 @@ class Roles:
     association: dict[str, str] = field(default_factory=dict)  # worker -> validator
 
     def role_of(self, device: str) -> str | None:
+        """The device's role; in the baselines a miner also trains (see ``is_worker``)."""
+        if device in self.miners:
+            return "miner"
         if device in self.workers:
             return "worker"
         if device in self.validators:
             return "validator"
-        if device in self.miners:
-            return "miner"
         return None
+
+    def is_worker(self, device: str) -> bool:
+        return device in self.workers
+
+    def is_miner(self, device: str) -> bool:
+        return device in self.miners
+
+    def is_validator(self, device: str) -> bool:
+        return device in self.validators
 
 
 def _rank(seed: bytes, device: str) -> bytes:
@@ -63,3 +73,16 @@ def assign_roles(
     validators = tuple(rest[m : m + v])
     association = {wk: validators[i % len(validators)] for i, wk in enumerate(workers)} if validators else {}
     return Roles(workers, validators, miners, association)
+
+
+def assign_roles_all_train(
+    prev_hash: str, devices: dict[str, dict], blacklist: frozenset[str] | set[str], n_miners: int
+) -> Roles:
+    """The baselines (vanilla FL, pFedMe): every device able to train is a worker, nobody
+    validates, and ``n_miners`` devices (drawn in the same hash order, and also training)
+    assemble the round's block in place of the central server of plain FL."""
+    seed = hashlib.sha256(b"roles|" + prev_hash.encode()).digest()
+    order = sorted((d for d in devices if d not in blacklist), key=lambda d: _rank(seed, d))
+    workers = tuple(sorted(d for d in order if "train" in devices[d].get("caps", ("train",))))
+    miners = tuple(order[: min(n_miners, len(order))])
+    return Roles(workers, (), miners, {})
