@@ -114,6 +114,10 @@ class Agent:
     # -- main loop --
 
     def run_forever(self) -> None:
+        if "train" in self.caps:
+            # import torch before announcing, so that round 1's time measures training and
+            # not twenty interpreters importing torch at once
+            import edge_agent.ml.train  # noqa: F401
         self.mqtt.subscribe(f"{PREFIX}/+/genesis", f"{PREFIX}/+/cmd/{self.me}")
         self.mqtt.connect()
         self.mqtt.publish(device_topic(self.me, "status"), self._signed_status("online"), retain=True)

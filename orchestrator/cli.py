@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -193,6 +194,88 @@ def data_fetch(
         fail(str(exc))
         return
     typer.echo(f"{name}: {len(ds.train_y)} training and {len(ds.test_y)} test images ready")
+
+
+@app.command()
+def reproduce(
+    experiment: str = typer.Argument(..., help="table4 | fig6 | fig7 | fig8"),
+    profile: str = typer.Option("quick", help="paper (CNN, MNIST, 100 rounds, 3 repeats) | quick (MLP, Fashion-MNIST)."),
+    repeats: Optional[int] = typer.Option(None, help="Repeats per setting (default: the profile's)."),
+    rounds: Optional[int] = typer.Option(None, help="Override the profile's rounds."),
+    dataset: Optional[str] = typer.Option(None, help="Override the profile's dataset."),
+    data_dir: Optional[Path] = typer.Option(None),
+    samples_per_device: Optional[int] = typer.Option(None),
+    broker: Optional[str] = typer.Option(None, help="mqtt://HOST:PORT (default: one embedded broker for all runs)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default results/EXPERIMENT-PROFILE)."),
+    seed: int = typer.Option(0),
+):
+    """Regenerate a table or figure of the paper: runs, CSVs, Markdown table, PNG plots."""
+    from .experiment import ExperimentError, RunConfig
+    from .report import ReportError, build_report
+    from .reproduce import EXPERIMENTS, PROFILES, plan, run_planned
+
+    if experiment not in EXPERIMENTS:
+        fail(f"unknown experiment {experiment!r}: choose one of {', '.join(EXPERIMENTS)}")
+    if profile not in PROFILES:
+        fail(f"--profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    prof = dict(PROFILES[profile])
+    n_rep = repeats or prof.pop("repeats")
+    prof.pop("repeats", None)
+    if n_rep < 1:
+        fail("--repeats must be >= 1")
+    if rounds:
+        prof["rounds"] = rounds
+    if dataset:
+        prof["dataset"] = dataset
+    if samples_per_device:
+        prof["samples_per_device"] = samples_per_device
+    out = out or Path("results") / f"{experiment}-{profile}"
+    out.mkdir(parents=True, exist_ok=True)
+    base = RunConfig(devices=20, data_dir=data_dir, seed=seed, broker=broker, **prof)
+    emb = None
+    t0 = time.monotonic()
+    try:
+        if broker is None:
+            from broker import EmbeddedBroker
+
+            emb = EmbeddedBroker()
+            base.broker = emb.start()
+        runs = plan(experiment, profile)
+        typer.echo(f"{experiment} ({profile}): {len(runs)} settings x {n_rep} repeats, {prof['rounds']} rounds each -> {out}")
+        for rep in range(n_rep):
+            for i, p in enumerate(runs, 1):
+                typer.echo(f"[{i}/{len(runs)} repeat {rep}] {p.setting} {p.protocol}, {p.malicious} malicious")
+                run_planned(base, p, rep, out, log=typer.echo)
+        paths = build_report(out, experiment)
+    except (ExperimentError, ReportError) as exc:
+        fail(str(exc))
+        return
+    except KeyboardInterrupt:
+        fail(f"interrupted; finished runs are in {out}/rounds.csv (bfl report {out})")
+        return
+    finally:
+        if emb is not None:
+            emb.stop()
+    typer.echo(f"wall time {time.monotonic() - t0:.0f}s")
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+@app.command()
+def report(
+    out: Path = typer.Argument(..., help="A folder written by `bfl reproduce` (rounds.csv, stakes.csv)."),
+    experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
+):
+    """Rebuild the Markdown table and the plots from the CSVs, without rerunning."""
+    from .report import ReportError, build_report
+
+    try:
+        paths = build_report(out, experiment)
+    except ReportError as exc:
+        fail(str(exc))
+        return
+    for p in paths:
+        typer.echo(f"wrote {p}")
 
 
 @app.command()
