@@ -222,5 +222,17 @@ class Runtime:
                 log.warning("%s: FedAvg skips update %s: %s", self.me, h[:12], exc)
         if not updates:
             return nd.AggregateDone(a.key, a.base)
-        g = bl.fedavg(updates)
+        hp = self.genesis.hp
+        rule = hp.get("aggregator", "fedavg")
+        if rule == "fedavg":
+            g = bl.fedavg(updates)
+        else:
+            from .ml.aggregators import aggregate
+
+            kw = {"trim_ratio": hp.get("trim_ratio_bp", 1000) / 10000} if rule == "trimmed_mean" else {}
+            try:
+                g, _ = aggregate(rule, updates, n_malicious=hp.get("krum_f", 0), **kw)
+            except ValueError as exc:  # e.g. too few updates for Multi-Krum's f: fall back, same everywhere
+                log.warning("%s: %s not applicable (%s); using FedAvg", self.me, rule, exc)
+                g = bl.fedavg(updates)
         return nd.AggregateDone(a.key, self.store.put(bl.encode(g)))

@@ -52,6 +52,8 @@ class RunConfig:
     vh: float = 0.08
     vote_ref: str = "median"
     loss_guard: int = 10
+    aggregator: str = "fedavg"
+    krum_f: int | None = None  # Multi-Krum's f (default: the number of malicious devices)
     knockout: int = 3
     unit_reward: int = 1
     deadlines_s: tuple[int, int, int] = (900, 300, 120)
@@ -201,6 +203,10 @@ class Experiment:
             raise ExperimentError("--alpha must be > 0")
         if cfg.protocol not in PROTOCOLS:
             raise ExperimentError(f"--protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        from edge_agent.protocol.genesis import AGGREGATORS
+
+        if cfg.aggregator not in AGGREGATORS:
+            raise ExperimentError(f"--aggregator {cfg.aggregator!r}: choose one of {', '.join(AGGREGATORS)}")
         if cfg.attack not in ATTACKS:
             raise ExperimentError(f"--attack {cfg.attack!r}: choose one of {', '.join(ATTACKS)}")
         spec = data_spec(cfg)
@@ -276,6 +282,7 @@ class Experiment:
         trainers = [d for d, info in devices.items() if "train" in info["caps"]]
         if len(trainers) < cfg.roles[0]:
             raise ExperimentError(f"only {len(trainers)} devices can train (torch installed) but |W| = {cfg.roles[0]}")
+        self.malicious = choose_malicious(cfg, sorted(devices))
         init = bl.encode(init_params(cfg.model, cfg.seed))
         body = make_genesis_body(
             run=self.run_id,
@@ -295,6 +302,8 @@ class Experiment:
             knockout=cfg.knockout,
             vote_ref=cfg.vote_ref,
             loss_guard=cfg.loss_guard,
+            aggregator=cfg.aggregator,
+            krum_f=cfg.krum_f if cfg.krum_f is not None else len(self.malicious),
             protocol=cfg.protocol,
             deadlines_ms={k: s * 1000 for k, s in zip(("train", "validate", "mine"), cfg.deadlines_s)},
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -305,7 +314,6 @@ class Experiment:
         self.observer.watch_run(self.run_id)
         (self.out / "genesis.json").write_bytes(env.payload())
         # Fault injection: each malicious device is told privately, on its own command topic.
-        self.malicious = choose_malicious(cfg, sorted(devices))
         attack = {"name": cfg.attack}
         if cfg.attack == "gaussian":
             attack["variance_milli"] = 1000  # N(0, 1), paper Section 5.1
@@ -378,6 +386,7 @@ class Experiment:
                 "vh": self.cfg.vh,
                 "vote_ref": self.cfg.vote_ref,
                 "loss_guard": self.cfg.loss_guard,
+                "aggregator": self.cfg.aggregator,
                 "knockout": self.cfg.knockout,
                 "seed": self.cfg.seed,
                 "broker": "embedded" if self.broker else self.broker_url,

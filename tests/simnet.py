@@ -34,7 +34,7 @@ def accuracy_bp(vec: np.ndarray) -> int:
     return max(0, 9000 - int(2000 * float(np.linalg.norm(vec - TARGET))))
 
 
-def make_run(n=8, roles=(4, 2, 2), rounds=3, run="r1", **hp):
+def make_run(n=8, roles=(4, 2, 2), rounds=3, run="r1", protocol="pos-bfl", **hp):
     op = KeyPair.generate()
     keys = {f"d{i:02d}": KeyPair.generate() for i in range(n)}
     init = blob_of(np.zeros(DIM, np.float32))
@@ -48,6 +48,7 @@ def make_run(n=8, roles=(4, 2, 2), rounds=3, run="r1", **hp):
         init_model=sha256_hex(init),
         data={"dataset": "sim", "samples_per_device": 100, "n_devices": n},
         deadlines_ms={"train": 10_000, "validate": 10_000, "mine": 10_000},
+        protocol=protocol,
         **hp,
     )
     genesis = Genesis(sign(op, body))
@@ -55,8 +56,8 @@ def make_run(n=8, roles=(4, 2, 2), rounds=3, run="r1", **hp):
 
 
 class SimNet:
-    def __init__(self, n=8, roles=(4, 2, 2), rounds=3, malicious=(), silent=(), **hp):
-        self.genesis, self.keys, init = make_run(n, roles, rounds, **hp)
+    def __init__(self, n=8, roles=(4, 2, 2), rounds=3, malicious=(), silent=(), protocol="pos-bfl", **hp):
+        self.genesis, self.keys, init = make_run(n, roles, rounds, protocol=protocol, **hp)
         self.blobs = {sha256_hex(init): init}
         self.nodes = {
             d: nd.Node(d, k, self.genesis, have_blob=self.blobs.__contains__) for d, k in self.keys.items()

@@ -326,3 +326,20 @@ def test_device_that_was_down_catches_up_by_pulling_blocks():
     heads = _heads(net)
     assert len(set(heads.values())) == 1 and net.nodes[late].state.height == 4
     assert [b.id for b in net.nodes[late].chain] == [b.id for b in net.nodes["d00"].chain]
+
+
+@pytest.mark.parametrize("protocol", ["vanilla", "pfedme"])
+def test_baselines_train_everywhere_and_average_everything(protocol):
+    """Vanilla FL and pFedMe on the same chain: every device trains (miners too), nobody
+    votes, every update is accepted and averaged -- so noise gets in."""
+    net = SimNet(n=6, roles=(3, 2, 1), rounds=2, malicious=("d02",), protocol=protocol)
+    net.start()
+    net.run()
+    assert len(set(_heads(net).values())) == 1
+    for blk in net.nodes["d00"].chain:
+        assert blk.body["accepted"] == sorted(net.nodes) and blk.body["vtxs"] == []
+        # rewards: Eq. 1 for every worker, nothing for (absent) validators or the miner's Eq. 3
+        assert set(blk.body["rewards"]) == set(net.nodes)
+    r = ledger.roles_for(net.genesis, ledger.genesis_state(net.genesis))
+    assert set(r.workers) == set(net.nodes) and len(r.miners) == 1 and r.validators == ()
+    assert net.nodes["d00"].state.stakes == ledger.replay(net.genesis, net.nodes["d00"].chain).stakes

@@ -18,6 +18,9 @@ from functools import cached_property
 from .messages import Drop, Envelope, check_signature, valid_hash, valid_id
 
 VOTE_REFERENCES = ("global", "median", "trained")
+# How G_j is computed from the accepted updates: FedAvg (the paper), or a robust rule from
+# the survey's Section 2.2.2-2.2.3 for comparison (edge_agent/ml/aggregators.py).
+AGGREGATORS = ("fedavg", "median", "trimmed_mean", "multi_krum")
 
 # pFedMe (Dinh, Tran, Nguyen, NeurIPS 2020), the defaults of its MNIST experiments:
 # personal learning rate 0.1, learning rate eta 0.005, lambda 15, K = 5 inner steps,
@@ -126,6 +129,9 @@ def make_genesis_body(
     knockout: int = 3,
     vote_ref: str = "median",
     loss_guard: int = 10,
+    aggregator: str = "fedavg",
+    krum_f: int = 0,
+    trim_ratio_bp: int = 1000,
     deadlines_ms: dict[str, int] | None = None,
     protocol: str = "pos-bfl",
     pfedme: dict | None = None,
@@ -153,6 +159,9 @@ def make_genesis_body(
             "knockout": knockout,
             "vote_ref": vote_ref,
             "loss_guard": loss_guard,
+            "aggregator": aggregator,
+            "krum_f": krum_f,
+            "trim_ratio_bp": trim_ratio_bp,
             **({"pfedme": pfedme or dict(PFEDME_DEFAULTS)} if protocol == "pfedme" else {}),
         },
         "deadlines_ms": deadlines_ms
@@ -188,6 +197,7 @@ def check_genesis_body(body: dict) -> None:
         for key in ("lr_e6", "batch_size", "local_epochs", "vh_bp", "unit_reward", "knockout", "loss_guard"):
             need(isinstance(hp[key], int) and hp[key] >= 0, f"hp.{key}")
         need(hp["vote_ref"] in VOTE_REFERENCES, "hp.vote_ref")
+        need(hp.get("aggregator", "fedavg") in AGGREGATORS, "hp.aggregator")
         need(body.get("protocol", "pos-bfl") in ("pos-bfl", "vanilla", "pfedme"), "protocol")
         if body.get("protocol") == "pfedme":
             need(all(isinstance(v, int) and v > 0 for v in hp["pfedme"].values()), "hp.pfedme")
