@@ -312,9 +312,7 @@ class Node:
                 self.finished = True
                 return [Finished(self.state)]
             return []
-        if self.me in self.state.blacklist:
-            # A knocked-out device has no role; it still follows the chain.
-            pass
+        # (a knocked-out device gets no role from roles_for; it still follows the chain)
         j = self.state.height + 1
         self.ctx = RoundCtx(round=j, roles=roles_for(self.genesis, self.state), started=now)
         acts: list = []
@@ -479,7 +477,10 @@ class Node:
             return set()
         wanted = {e.body["model"] for e in ctx.wtxs.values()}
         for blk in ctx.candidates.values():
-            wanted |= {h for h, _ in aggregation_inputs(blk.body)} if isinstance(blk.body.get("wtxs"), list) else set()
+            try:  # candidates are signed but not yet validated: tolerate any shape
+                wanted |= {h for h, _ in aggregation_inputs(blk.body)}
+            except (KeyError, TypeError, AttributeError):
+                pass
         return wanted
 
     def _on_sync(self, env: Envelope) -> list:
