@@ -193,6 +193,9 @@ class Agent:
         self._join(genesis)
 
     def _join(self, genesis: Genesis) -> None:
+        run = genesis.run
+        # subscribe first: what peers publish while we load data is queued, not lost
+        self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "chain", "head")))
         self.store = ChainStore(self.workdir / "runs", genesis.run)
         self.store.save_genesis(genesis.env)
         blocks = self.store.load_blocks()
@@ -208,8 +211,6 @@ class Agent:
         cmd = self.pending_cmds.pop(genesis.run, None)
         if cmd:
             self.node.attack = cmd.get("attack")
-        run = genesis.run
-        self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "chain", "head")))
         log.info(
             "%s: joined run %s at height %d (%d devices, roles %s)",
             self.me,

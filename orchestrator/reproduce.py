@@ -33,7 +33,10 @@ PROFILES = {
     # the paper's setting (MNIST needs `bfl data fetch mnist`; pass --dataset fashion-mnist offline)
     "paper": dict(model="cnn", dataset="mnist", samples_per_device=None, rounds=100, local_epochs=5, repeats=3),
     # the MLP, fewer samples and rounds: table4 in well under an hour on 2 cores
-    "quick": dict(model="mlp", dataset="fashion-mnist", samples_per_device=600, rounds=8, local_epochs=5, repeats=1),
+    "quick": dict(
+        model="mlp", dataset="fashion-mnist", samples_per_device=600, rounds=8, local_epochs=5, repeats=1,
+        deadlines_s=(120, 60, 60),
+    ),
 }
 MALICIOUS_SWEEP = {"paper": [3, 4, 6, 8, 10, 12, 14, 16], "quick": [3, 6, 10, 14]}
 EXPERIMENTS = ("table4", "fig6", "fig7", "fig8")

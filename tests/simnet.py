@@ -72,6 +72,7 @@ class SimNet:
         self.reports: list = []
         self.tamper = None  # optional fn(Publish) -> Publish | None
         self.retained: dict[str, bytes] = {}
+        self.lose = None  # optional fn(dest, Publish) -> True to lose that delivery
 
     def start(self):
         for d, node in self.nodes.items():
@@ -89,7 +90,7 @@ class SimNet:
                 if a.retain:
                     self.retained[a.topic] = a.payload
                 for other in self.nodes:
-                    if other not in self.silent:
+                    if other not in self.silent and not (self.lose and self.lose(other, a)):
                         self.queue.append((other, nd.Received(a.topic, a.payload)))
             elif isinstance(a, nd.StoreBlob):
                 self.blobs[a.hash] = a.data

@@ -343,3 +343,26 @@ def test_baselines_train_everywhere_and_average_everything(protocol):
     r = ledger.roles_for(net.genesis, ledger.genesis_state(net.genesis))
     assert set(r.workers) == set(net.nodes) and len(r.miners) == 1 and r.validators == ()
     assert net.nodes["d00"].state.stakes == ledger.replay(net.genesis, net.nodes["d00"].chain).stakes
+
+
+def test_lost_worker_tx_is_pulled_again_before_the_deadline():
+    """A worker's tx and blob never reach the validators the first time (e.g. published
+    before they subscribed); they ask for it and it is published again."""
+    net = SimNet(n=8, roles=(4, 2, 2), rounds=1)
+    r1 = ledger.roles_for(net.genesis, ledger.genesis_state(net.genesis))
+    victim = r1.workers[0]
+    lost = set()
+
+    def lose(dest, pub):
+        key = (dest, pub.topic)
+        if f"/{victim}" in pub.topic and ("/wtx/" in pub.topic or "/blob/" in pub.topic) and key not in lost:
+            lost.add(key)
+            return dest != victim
+        return False
+
+    net.lose = lose
+    net.start()
+    net.run()
+    blk = net.nodes["d00"].chain[0]
+    assert victim in blk.body["accepted"]
+    assert net.now < net.genesis.deadlines["train"] / 1000  # recovered by the pull, not the deadline

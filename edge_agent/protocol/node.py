@@ -64,6 +64,7 @@ log = logging.getLogger("bfl.node")
 FUTURE_ROUNDS = 2  # messages for up to this many rounds ahead are buffered
 FUTURE_LIMIT = 2000  # per round
 SYNC_RETRY_S = 3.0
+WTX_PULL_S = 5.0  # after the first worker tx of a round, ask for the missing ones this often
 PULL_BATCH = 8  # blocks per catch-up answer
 BLOBS_PER_SENDER = 2  # unsolicited blobs kept per sender and round
 
@@ -193,6 +194,7 @@ class RoundCtx:
     sync_at: float = 0.0
     mine_retry_at: float = 0.0
     synced: bool = False  # the candidate was pulled from a peer that already appended it
+    wtx_pull_at: float = 0.0  # when to ask missing workers to re-publish (0: not yet due)
 
 
 def _seed(*parts: object) -> int:
@@ -227,6 +229,7 @@ class Node:
         self.ctx: RoundCtx | None = None
         self.future: dict[int, list[Received]] = {}
         self.unsolicited: Counter[str] = Counter()
+        self.my_wtx: Envelope | None = None  # re-published when a peer reports it missing
         self.seen: set[str] = set()
         self.blobs: set[str] = set()
         self.own_blobs: set[str] = set()
@@ -279,6 +282,32 @@ class Node:
     def behind(self) -> bool:
         """Some peer has appended a block we do not have."""
         return any(h > self.state.height for h in self.peer_heights.values())
+
+    def _pull_updates(self, now: float) -> list:
+        """Ask workers whose tx or blob has not arrived to publish them again (a message can
+        be lost, e.g. published before this device subscribed)."""
+        ctx = self.ctx
+        assert ctx is not None
+        ctx.wtx_pull_at = now + WTX_PULL_S
+        missing = sorted(w for w in ctx.roles.workers if w not in ctx.wtxs)
+        blobs = sorted(e.body["model"] for e in ctx.wtxs.values() if e.body["model"] not in self.blobs)
+        if not missing and not blobs:
+            return []
+        req = sign(
+            self.key,
+            {
+                "run": self.run,
+                "kind": "sync",
+                "round": ctx.round,
+                "sender": self.me,
+                "wtx_of": missing,
+                "blobs": blobs[:64],
+                "nonce": _seed(now, self.me, "wtx"),
+            },
+        )
+        self.seen.add(req.id)
+        log.info("%s: round %d: asking %d worker(s) to re-publish", self.me, ctx.round, len(missing) + len(blobs))
+        return [Publish(topic(self.run, "sync", self.me), req.payload())]
 
     def _pull(self, now: float) -> list:
         """Ask the most advanced peer for the blocks after our head."""
@@ -364,6 +393,11 @@ class Node:
                 ready = self._updates_complete() or t >= self.dl["train"]
             if ready:
                 acts += self._mine()
+        waiting_for_workers = (ctx.roles.is_validator(self.me) and not ctx.evaluating and not ctx.voted) or (
+            ctx.roles.is_miner(self.me) and not validated(g) and not ctx.mining and not ctx.mined
+        )
+        if waiting_for_workers and ctx.wtx_pull_at and now >= ctx.wtx_pull_at:
+            acts += self._pull_updates(now)
         if self.behind() and not ctx.synced and now >= self.next_pull:
             acts += self._pull(now)
         if ctx.checking is None:
@@ -436,6 +470,8 @@ class Node:
                 raise Drop("equivocation", f"second {env.kind} from {env.sender}")
             self.seen.add(env.id)
             book[env.sender] = env
+            if env.kind == "wtx" and not ctx.wtx_pull_at:
+                ctx.wtx_pull_at = now + WTX_PULL_S
             return []
         # candidate block
         if env.body.get("prev") != self.state.head:
@@ -490,6 +526,13 @@ class Node:
         if not isinstance(hashes, list) or len(hashes) > 64 or not all(valid_hash(h) for h in hashes):
             raise Drop("malformed", "sync.blobs")
         targeted = env.body.get("target") == self.me
+        wtx_of = env.body.get("wtx_of", [])
+        if not isinstance(wtx_of, list):
+            raise Drop("malformed", "sync.wtx_of")
+        mine = self.my_wtx
+        if self.me in wtx_of and mine is not None and mine.round == env.round and self.ctx and self.ctx.round == mine.round:
+            # our update was missed: publish it again (receivers dedupe by id)
+            return [Publish(topic(self.run, "wtx", self.me), mine.payload()), BlobRequestAnswer(mine.body["model"])]
         # Only a blob's author, or the peer named as target, answers: no N-fold fan-out.
         acts: list = [BlobRequestAnswer(h) for h in hashes if h in self.own_blobs or (targeted and self.have_blob(h))]
         start = env.body.get("from_height")
@@ -555,6 +598,7 @@ class Node:
         acts.append(Publish(topic(self.run, "wtx", self.me), env.payload()))
         self.seen.add(env.id)
         ctx.wtxs[self.me] = env
+        self.my_wtx = env
         return acts
 
     # -- validator --
