@@ -189,3 +189,65 @@ def test_bad_options_are_one_line_errors(args, needle, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_killed_agent_restarts_from_disk_and_catches_up(tmp_path, mosquitto_broker):
+    """SIGKILL one agent after it appended a block, start it again on the same work
+    directory: it reloads its chain, pulls the blocks it missed from a peer (verifying them
+    like any block), and ends on the same head as everybody else."""
+    import signal
+    import time
+
+    from edge_agent.protocol.crypto import KeyPair
+
+    operator = KeyPair.generate()
+    operator.save(tmp_path / "operator.key")
+    devices = [f"e{i}" for i in range(6)]
+
+    def start(dev):
+        key = tmp_path / f"{dev}.key"
+        if not key.exists():
+            KeyPair.generate().save(key)
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_agent.cli", "run", "--id", dev, "--key", str(key),
+             "--broker", mosquitto_broker, "--operator-key", operator.public_hex,
+             "--workdir", str(tmp_path / dev), "--exit-after-run"],
+            stdout=open(tmp_path / f"{dev}.log", "ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    agents = {d: start(d) for d in devices}
+    out = tmp_path / "out"
+    orch = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--devices", "6", "--roles", "3,2,1", "--rounds", "4",
+         "--model", "mlp", "--dataset", "fashion-mnist", "--samples-per-device", "200", "--partition", "iid",
+         "--local-epochs", "2", "--broker", mosquitto_broker, "--external", "--operator-key",
+         str(tmp_path / "operator.key"), "--out", str(out), "--quiet", "--deadlines", "20,10,10"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    victim = "e5"
+    try:
+        end = time.monotonic() + 300
+        chain_files = lambda: list((tmp_path / victim / "runs").glob("*/chain.jsonl"))  # noqa: E731
+        while not (chain_files() and chain_files()[0].read_text().count("\n") >= 1):
+            assert time.monotonic() < end and orch.poll() is None, "run ended before the first block"
+            time.sleep(0.2)
+        agents[victim].send_signal(signal.SIGKILL)
+        agents[victim].wait()
+        height_at_kill = chain_files()[0].read_text().count("\n")
+        time.sleep(3)
+        agents[victim] = start(victim)
+        stdout, _ = orch.communicate(timeout=600)
+        assert orch.returncode == 0, stdout[-3000:]
+        for p in agents.values():
+            p.wait(60)
+    finally:
+        for p in [*agents.values(), orch]:
+            if p.poll() is None:
+                p.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    run_id = summary["run_id"]
+    chains = {d: [b.id for b in ChainStore(tmp_path / d / "runs", run_id).load_blocks()] for d in devices}
+    assert len(chains["e0"]) == 4 and height_at_kill < 4
+    assert all(c == chains["e0"] for c in chains.values()), {d: len(c) for d, c in chains.items()}
+    log = (tmp_path / f"{victim}.log").read_text()
+    assert log.count("joined run") == 2  # joined, was killed, rejoined from its chain on disk
