@@ -47,7 +47,9 @@ def run(
     devices: int = typer.Option(20, help="Number of devices."),
     roles: str = typer.Option("12,5,3", help="Workers, validators, miners per round."),
     malicious: int = typer.Option(0, help="How many devices are malicious (chosen with --seed)."),
-    malicious_ids: Optional[str] = typer.Option(None, help="Comma-separated malicious device ids instead."),
+    malicious_ids: Optional[str] = typer.Option(
+        None, help="Malicious devices by id instead, each with its own attack if given: d03=label_flip,d07."
+    ),
     attack: str = typer.Option(
         "gaussian", help="gaussian (N(0,1) on every parameter) | sign_flip | scale | lazy | label_flip | invert_votes."
     ),
@@ -106,7 +108,8 @@ def run(
         devices=devices,
         roles=parse_roles(roles),
         malicious=malicious,
-        malicious_ids=[d for d in malicious_ids.split(",") if d] if malicious_ids else None,
+        malicious_ids=[d.split("=")[0] for d in malicious_ids.split(",") if d] if malicious_ids else None,
+        attacks=dict(d.split("=", 1) for d in (malicious_ids or "").split(",") if "=" in d),
         attack=attack,
         rounds=rounds,
         dataset=dataset,

@@ -37,6 +37,7 @@ class RunConfig:
     roles: tuple[int, int, int] = (12, 5, 3)
     malicious: int = 0
     malicious_ids: list[str] | None = None
+    attacks: dict[str, str] = field(default_factory=dict)  # per-device attack, else `attack`
     attack: str = "gaussian"
     rounds: int = 10
     dataset: str = "mnist"
@@ -207,8 +208,9 @@ class Experiment:
 
         if cfg.aggregator not in AGGREGATORS:
             raise ExperimentError(f"--aggregator {cfg.aggregator!r}: choose one of {', '.join(AGGREGATORS)}")
-        if cfg.attack not in ATTACKS:
-            raise ExperimentError(f"--attack {cfg.attack!r}: choose one of {', '.join(ATTACKS)}")
+        for name in {cfg.attack, *cfg.attacks.values()}:
+            if name not in ATTACKS:
+                raise ExperimentError(f"attack {name!r}: choose one of {', '.join(ATTACKS)}")
         spec = data_spec(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
         self.operator = self._operator_key()
@@ -314,10 +316,10 @@ class Experiment:
         self.observer.watch_run(self.run_id)
         (self.out / "genesis.json").write_bytes(env.payload())
         # Fault injection: each malicious device is told privately, on its own command topic.
-        attack = {"name": cfg.attack}
-        if cfg.attack == "gaussian":
-            attack["variance_milli"] = 1000  # N(0, 1), paper Section 5.1
         for dev in self.malicious:
+            attack = {"name": cfg.attacks.get(dev, cfg.attack)}
+            if attack["name"] == "gaussian":
+                attack["variance_milli"] = 1000  # N(0, 1), paper Section 5.1
             cmd = sign(self.operator, {"run": self.run_id, "kind": "cmd", "round": 0, "sender": "operator", "target": dev, "attack": attack})
             self.mqtt.publish(topic(self.run_id, "cmd", dev), cmd.payload(), retain=True, wait=10)
         end = time.monotonic() + 60
@@ -374,6 +376,7 @@ class Experiment:
             "roles": list(self.cfg.roles),
             "malicious": self.malicious,
             "attack": self.cfg.attack,
+            "attacks": {d: self.cfg.attacks.get(d, self.cfg.attack) for d in self.malicious},
             "config": {
                 "dataset": self.cfg.dataset,
                 "model": self.cfg.model,

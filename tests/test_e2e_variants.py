@@ -94,16 +94,25 @@ def test_scaling_attack_multiplies_the_update(tmp_path):
     assert seen >= 1, "no malicious worker in any round"
 
 
-def test_lazy_worker_resubmits_the_global_model(tmp_path):
-    out, summary, genesis, chain, honest = run_tiny(tmp_path, "--roles", "4,1,1", "--malicious", "2", "--attack", "lazy")
-    mal = set(summary["malicious"])
+def test_per_device_attacks_lazy_and_sign_flip(tmp_path):
+    """Two malicious devices with different attacks: d00 is lazy (resubmits G_{j-1} without
+    training), d01 flips the sign of its update."""
+    out, summary, genesis, chain, honest = run_tiny(
+        tmp_path, "--roles", "4,1,1", "--malicious-ids", "d00=lazy,d01=sign_flip"
+    )
+    assert summary["attacks"] == {"d00": "lazy", "d01": "sign_flip"}
+    assert "'name': 'lazy'" in (out / "agents" / "d00" / "agent.log").read_text()
+    assert "'name': 'sign_flip'" in (out / "agents" / "d01" / "agent.log").read_text()
     prev_global = genesis.init_model
     seen = 0
     for blk in chain:
         for w in blk.body["wtxs"]:
-            if w["body"]["sender"] in mal:
+            if w["body"]["sender"] == "d00":
                 seen += 1
                 assert w["body"]["model"] == prev_global  # skipped training, resubmitted G_{j-1}
+            if w["body"]["sender"] == "d01":
+                seen += 1
+                assert "d01" in blk.body["rejected"]
         prev_global = blk.body["global_model"]
     assert seen >= 1
 
