@@ -35,8 +35,9 @@ def accuracy_bp(vec: np.ndarray) -> int:
 
 
 def make_run(n=8, roles=(4, 2, 2), rounds=3, run="r1", protocol="pos-bfl", **hp):
-    op = KeyPair.generate()
-    keys = {f"d{i:02d}": KeyPair.generate() for i in range(n)}
+    # deterministic keys: the genesis hash, and so every role draw, is the same on every run
+    op = KeyPair.from_seed_hex(sha256_hex(f"{run}|operator".encode()))
+    keys = {f"d{i:02d}": KeyPair.from_seed_hex(sha256_hex(f"{run}|d{i:02d}".encode())) for i in range(n)}
     init = blob_of(np.zeros(DIM, np.float32))
     body = make_genesis_body(
         run=run,

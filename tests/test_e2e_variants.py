@@ -128,7 +128,7 @@ def test_malicious_validator_inverts_its_votes(tmp_path):
         for raw in blk.body["vtxs"]:
             vtx = from_json(raw)
             votes = vtx.body["votes"]
-            med_loss = voting.median_bp([v["loss_milli"] for v in votes]) if votes else 0
+            med_loss = voting.lower_median([v["loss_milli"] for v in votes]) if votes else 0
             for v in votes:
                 honest_vote = voting.vote(v["ref_bp"], v["local_bp"], vh) and voting.loss_guard_ok(
                     v["loss_milli"], med_loss, guard

@@ -97,7 +97,12 @@ def test_algorithm1_threshold():
     assert voting.vote(9000, 8200, 800) is True  # a drop of exactly vh is tolerated
     assert voting.vote(9000, 8199, 800) is False
     assert voting.vote(1000, 9000, 800) is True
-    assert voting.median_bp([5, 1, 9, 7]) == 7
+    assert voting.median_bp([5, 1, 9, 7]) == 7  # accuracy: upper median
+    assert voting.lower_median([5, 1, 9, 7]) == 5  # loss: lower median
+    # half the updates poisoned (huge losses): the guard's reference is still an honest loss
+    losses = [6000, 9000, 3_000_000, 5_000_000]
+    ref = voting.lower_median(losses)
+    assert [voting.loss_guard_ok(x, ref, 10) for x in losses] == [True, True, False, False]
     assert voting.reference_bp("global", 7000, None, [1]) == 7000
 
 

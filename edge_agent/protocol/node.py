@@ -623,7 +623,7 @@ class Node:
         if voted:
             ref = voting.reference_bp(mode, ev.global_bp, ev.trained_bp, [ev.local_bp[e.body["model"]] for e in voted])
             losses = [ev.local_loss.get(e.body["model"], 10**9) for e in voted]
-            med_loss = voting.median_bp(losses)
+            med_loss = voting.lower_median(losses)
             for e, loss in zip(voted, losses):
                 acc = ev.local_bp[e.body["model"]]
                 positive = voting.vote(ref, acc, vh) and voting.loss_guard_ok(loss, med_loss, guard)

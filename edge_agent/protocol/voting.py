@@ -17,7 +17,7 @@ Accuracies are integers in basis points (1/100 of a percent); vh likewise (0.08 
 
 Composed with Algorithm 1, an optional loss guard (genesis ``hp.loss_guard``, 0 = off):
 vote negative also when the update's mean cross-entropy on the validator's test split is
-more than ``loss_guard`` times the median of the round's updates. Measured on Fashion-MNIST
+more than ``loss_guard`` times the lower median of the round's updates. Measured on Fashion-MNIST
 label shards (MLP, round 1): honest 2-class models score 7-25 % accuracy and 5.8-9 nats,
 models with N(0, 1) noise 4-20 % accuracy and 2 200-5 700 nats. Accuracy alone cannot tell
 them apart in the early rounds of non-IID training; the loss can. Set ``--vote-ref global
@@ -49,6 +49,15 @@ def median_bp(values: list[int]) -> int:
         raise ValueError("median of no values")
     s = sorted(values)
     return s[len(s) // 2]
+
+
+def lower_median(values: list[int]) -> int:
+    """Lower median: the loss guard's reference. Honest updates have the lower losses, so
+    with half of a round's updates poisoned this is still an honest update's loss."""
+    if not values:
+        raise ValueError("median of no values")
+    s = sorted(values)
+    return s[(len(s) - 1) // 2]
 
 
 def reference_bp(mode: str, global_bp: int, trained_bp: int | None, local_bps: list[int]) -> int:
