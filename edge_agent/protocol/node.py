@@ -283,6 +283,14 @@ class Node:
         """Some peer has appended a block we do not have."""
         return any(h > self.state.height for h in self.peer_heights.values())
 
+    def _sync_request(self, round_: int, now: float, tag: tuple, **fields) -> Publish:
+        """A signed pull request (missing worker txs, blocks or blobs) on our sync topic."""
+        body = {"run": self.run, "kind": "sync", "round": round_, "sender": self.me, **fields}
+        body["nonce"] = _seed(now, self.me, *tag)
+        req = sign(self.key, body)
+        self.seen.add(req.id)
+        return Publish(topic(self.run, "sync", self.me), req.payload())
+
     def _pull_updates(self, now: float) -> list:
         """Ask workers whose tx or blob has not arrived to publish them again (a message can
         be lost, e.g. published before this device subscribed)."""
@@ -293,42 +301,19 @@ class Node:
         blobs = sorted(e.body["model"] for e in ctx.wtxs.values() if e.body["model"] not in self.blobs)
         if not missing and not blobs:
             return []
-        req = sign(
-            self.key,
-            {
-                "run": self.run,
-                "kind": "sync",
-                "round": ctx.round,
-                "sender": self.me,
-                "wtx_of": missing,
-                "blobs": blobs[:64],
-                "nonce": _seed(now, self.me, "wtx"),
-            },
-        )
-        self.seen.add(req.id)
         log.info("%s: round %d: asking %d worker(s) to re-publish", self.me, ctx.round, len(missing) + len(blobs))
-        return [Publish(topic(self.run, "sync", self.me), req.payload())]
+        return [self._sync_request(ctx.round, now, ("wtx",), wtx_of=missing, blobs=blobs[:64])]
 
     def _pull(self, now: float) -> list:
         """Ask the most advanced peer for the blocks after our head."""
         self.next_pull = now + SYNC_RETRY_S
         self.sync_target = max(sorted(self.peer_heights), key=lambda d: self.peer_heights[d])
-        req = sign(
-            self.key,
-            {
-                "run": self.run,
-                "kind": "sync",
-                "round": self.state.height + 1,
-                "sender": self.me,
-                "target": self.sync_target,
-                "from_height": self.state.height + 1,
-                "blobs": [],
-                "nonce": _seed(now, self.me, "pull"),
-            },
-        )
-        self.seen.add(req.id)
         log.info("%s: behind at height %d; pulling blocks from %s", self.me, self.state.height, self.sync_target)
-        return [Publish(topic(self.run, "sync", self.me), req.payload())]
+        return [
+            self._sync_request(
+                self.state.height + 1, now, ("pull",), target=self.sync_target, from_height=self.state.height + 1, blobs=[]
+            )
+        ]
 
     def role(self) -> str | None:
         return self.ctx.roles.role_of(self.me) if self.ctx else None
@@ -680,26 +665,16 @@ class Node:
             return []
         if ev.model_hash is None:
             # missing blobs: ask their authors, retry shortly
-            req = sign(
-                self.key,
-                {
-                    "run": self.run,
-                    "kind": "sync",
-                    "round": ctx.round,
-                    "sender": self.me,
-                    "target": self.sync_target if ctx.synced else None,
-                    "blobs": sorted(ev.missing)[:64],
-                    "nonce": _seed(now, self.me),
-                },
+            req = self._sync_request(
+                ctx.round, now, (), target=self.sync_target if ctx.synced else None, blobs=sorted(ev.missing)[:64]
             )
-            self.seen.add(req.id)
             log.warning("%s: missing %d blob(s) for %s; requesting", self.me, len(ev.missing), ev.key)
             if ev.key == "mine":
                 ctx.mining = False  # retried by _advance
                 ctx.mine_retry_at = now + SYNC_RETRY_S
             else:
                 ctx.sync_at = now + SYNC_RETRY_S
-            return [Publish(topic(self.run, "sync", self.me), req.payload())]
+            return [req]
         if ev.key == "mine":
             if ctx.mined or not ctx.roles.is_miner(self.me):
                 return []
