@@ -63,6 +63,8 @@ class Agent:
         password: str | None = None,
         ca_file: str | None = None,
         capabilities: list[str] | None = None,
+        metrics: tuple[str, int] | None = None,
+        metrics_linger: float = 0.0,
     ):
         self.me = device_id
         self.key = key
@@ -76,6 +78,15 @@ class Agent:
         assert all(c in CAPABILITIES for c in self.caps)
         self.blobs = BlobStore(self.workdir / "blobs")
         offline = self._signed_status("offline")
+        self.metrics = None
+        self.metrics_server = None
+        self.metrics_linger = metrics_linger
+        if metrics is not None:
+            from .metrics import AgentMetrics, serve
+
+            self.metrics = AgentMetrics(device_id, self.caps)
+            self.metrics_server = serve(self.metrics.registry, *metrics)
+            log.info("%s: Prometheus metrics at http://%s:%d/metrics", device_id, *metrics)
         self.mqtt = Mqtt(
             broker_url,
             client_id=f"bfl-{device_id}",
@@ -83,6 +94,7 @@ class Agent:
             password=password,
             ca_file=ca_file,
             will=(device_topic(device_id, "status"), offline),
+            observer=self.metrics,
         )
         self.events: queue.Queue = queue.Queue()
         self.tasks = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{device_id}-task")
@@ -131,6 +143,11 @@ class Agent:
             if self.exit_after_run:
                 self.mqtt.publish(device_topic(self.me, "status"), self._signed_status("offline"), retain=True, wait=5)
             self.mqtt.close()
+            if self.metrics_server is not None:
+                if self.exit_after_run and self.metrics_linger > 0:
+                    self.metrics.update(self.node)
+                    time.sleep(self.metrics_linger)  # let Prometheus scrape the final state
+                self.metrics_server[0].shutdown()
 
     def _step(self) -> None:
         deadline = time.monotonic() + TICK_S
@@ -154,6 +171,9 @@ class Agent:
                 return
         if self.node is not None:
             self._execute(self.node.tick(time.monotonic()))
+        if self.metrics is not None:
+            self.metrics.update(self.node)
+            self.metrics.drops(self.drops)
 
     def _on_incoming(self, msg: Incoming) -> None:
         try:
@@ -208,6 +228,8 @@ class Agent:
             log.error("%s: local chain unusable (%s); starting from genesis", self.me, exc)
             self.store.rewrite([])
             self.node = nd.Node(self.me, self.key, genesis, [], have_blob=self.blobs.has)
+        if self.metrics is not None:
+            self.metrics.joined(run)
         cmd = self.pending_cmds.pop(genesis.run, None)
         if cmd:
             self.node.attack = cmd.get("attack")
@@ -245,14 +267,17 @@ class Agent:
         for a in actions:
             if isinstance(a, nd.Publish):
                 self.mqtt.publish(a.topic, a.payload, retain=a.retain)
+                if self.metrics is not None:
+                    self.metrics.published(a.topic, a.payload)
             elif isinstance(a, nd.StoreBlob):
                 self.blobs.put(a.data)
             elif isinstance(a, (nd.Train, nd.Evaluate, nd.Aggregate, nd.EvaluateGlobal)):
-                runtime = self.runtime
-                fut = self.tasks.submit(runtime.run, a)
+                fut = self.tasks.submit(self._timed, self.runtime, a)
                 fut.add_done_callback(lambda f: self.events.put(self._with_timings(f.result())))
             elif isinstance(a, nd.CommitBlock):
                 self.store.append(a.block)
+                if self.metrics is not None:
+                    self.metrics.committed(a.block, a.state)
                 log.info(
                     "%s: appended block %d %s from %s (accepted %s, rejected %s)",
                     self.me,
@@ -274,7 +299,22 @@ class Agent:
             else:
                 raise TypeError(f"unknown action {a!r}")
 
+    def _timed(self, runtime: Runtime, action):
+        """Run a heavy task on the task thread; its duration goes to the phase histogram."""
+        t0 = time.monotonic()
+        try:
+            return runtime.run(action)
+        finally:
+            if self.metrics is not None:
+                if isinstance(action, nd.Aggregate):
+                    phase = "mine" if action.key == "mine" else "verify_block"
+                else:
+                    phase = {nd.Train: "train", nd.Evaluate: "validate", nd.EvaluateGlobal: "evaluate_global"}[type(action)]
+                self.metrics.task_time(phase, time.monotonic() - t0)
+
     def _with_timings(self, ev):
+        if isinstance(ev, nd.GlobalEvaluated) and self.metrics is not None and ev.model_hash:
+            self.metrics.global_accuracy(ev.acc_bp)
         if isinstance(ev, nd.GlobalEvaluated) and self.runtime is not None:
             timings = self.runtime.take_timings()
             timings["drops"] = sum(self.drops.values())

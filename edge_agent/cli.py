@@ -62,6 +62,16 @@ def run(
     caps: Optional[str] = typer.Option(
         None, envvar="BFL_CAPS", help="Roles this device takes: train,validate,mine (default: train only if torch is installed)."
     ),
+    create_key: bool = typer.Option(
+        False, "--create-key", envvar="BFL_CREATE_KEY", help="Create --key if it does not exist yet (first boot of a device)."
+    ),
+    metrics_port: int = typer.Option(
+        0, envvar="BFL_METRICS_PORT", help="Serve Prometheus metrics on this port (0: off).", min=0, max=65535
+    ),
+    metrics_addr: str = typer.Option("0.0.0.0", envvar="BFL_METRICS_ADDR", help="Address the metrics server binds."),
+    metrics_linger: float = typer.Option(
+        0.0, envvar="BFL_METRICS_LINGER", help="With --exit-after-run: keep serving metrics this many seconds after the run."
+    ),
     log_level: str = typer.Option("INFO", envvar="BFL_LOG_LEVEL"),
 ):
     """Connect to the broker, announce this device, and take part in runs it is admitted to."""
@@ -72,6 +82,12 @@ def run(
     )
     if not valid_id(device_id):
         fail(f"--id {device_id!r}: use letters, digits, '-', '_' or '.' (at most 64)")
+    if create_key and not key_file.exists():
+        try:
+            KeyPair.generate().save(key_file)
+        except OSError as exc:
+            fail(f"--key {key_file}: cannot create it ({exc.strerror})")
+        logging.getLogger("bfl.agent").info("%s: created a new key in %s", device_id, key_file)
     if not key_file.is_file():
         fail(f"--key {key_file}: no such file (create one with `bfl-agent keygen --out {key_file}`)")
     try:
@@ -85,6 +101,7 @@ def run(
         fail(f"--caps {caps!r}: a comma-separated subset of {','.join(CAPABILITIES)}")
     password = password_file.read_text().strip() if password_file else None
     from .agent import Agent
+    from .metrics import MetricsError
     from .transport import TransportError
 
     try:
@@ -102,10 +119,12 @@ def run(
             password=password,
             ca_file=str(ca_file) if ca_file else None,
             capabilities=capabilities,
+            metrics=(metrics_addr, metrics_port) if metrics_port else None,
+            metrics_linger=metrics_linger,
         )
         logging.getLogger("bfl.agent").info("%s: key fingerprint %s", device_id, fingerprint(key.public_hex))
         agent.run_forever()
-    except TransportError as exc:
+    except (TransportError, MetricsError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         pass

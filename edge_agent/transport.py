@@ -51,13 +51,17 @@ class Mqtt:
         password: str | None = None,
         ca_file: str | None = None,
         will: tuple[str, bytes] | None = None,
+        observer=None,
     ):
+        """``observer`` (optional) gets ``sent(topic, nbytes)``, ``received(topic, nbytes)`` and
+        ``connection(up)``, from any thread (the agent's Prometheus metrics)."""
         self.host, self.port, tls = parse_broker_url(url)
         self.url = url
         self.inbox: queue.Queue = queue.Queue()
         self.subscriptions: list[str] = []
         self.connected = threading.Event()
         self.bytes_in = self.bytes_out = self.msgs_in = self.msgs_out = 0
+        self.observer = observer
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -113,6 +117,8 @@ class Mqtt:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         self.msgs_out += 1
         self.bytes_out += len(payload)
+        if self.observer is not None:
+            self.observer.sent(topic, len(payload))
         if wait:
             info.wait_for_publish(wait)
 
@@ -125,13 +131,19 @@ class Mqtt:
         if self.subscriptions:
             client.subscribe([(t, 1) for t in self.subscriptions])
         self.connected.set()
+        if self.observer is not None:
+            self.observer.connection(True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
+        if self.observer is not None:
+            self.observer.connection(False)
         if reason_code != 0:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg):
         self.msgs_in += 1
         self.bytes_in += len(msg.payload)
+        if self.observer is not None:
+            self.observer.received(msg.topic, len(msg.payload))
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload)))

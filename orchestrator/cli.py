@@ -79,6 +79,13 @@ def run(
     threads: int = typer.Option(1, help="CPU threads per local agent."),
     join_timeout: float = typer.Option(300, help="Seconds to wait for devices to connect."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    metrics_port: int = typer.Option(
+        9400, min=0, max=65535, help="Serve the operator's Prometheus metrics here; local agents use the next free ports (0: off)."
+    ),
+    metrics_addr: str = typer.Option("127.0.0.1", help="Address the metrics servers bind (0.0.0.0 in a container)."),
+    metrics_targets: Path = typer.Option(
+        Path("runs/targets"), help="Folder for a Prometheus file_sd file per run (monitoring/prometheus-local.yml reads it)."
+    ),
 ):
     """Run a PoS-BFL experiment and write OUT/summary.json."""
     from edge_agent.protocol.genesis import VOTE_REFERENCES
@@ -136,6 +143,9 @@ def run(
         seed=seed,
         threads=threads,
         join_timeout=join_timeout,
+        metrics_port=metrics_port,
+        metrics_addr=metrics_addr,
+        metrics_targets=metrics_targets if metrics_port else None,
     )
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

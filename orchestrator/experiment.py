@@ -67,6 +67,11 @@ class RunConfig:
     join_timeout: float = 300.0
     run_id: str | None = None
     extra_agent_args: list[str] = field(default_factory=list)
+    # Prometheus: the operator serves on metrics_port, local agents on the next free ports
+    # (0: no metrics); a file_sd file per run goes to metrics_targets
+    metrics_port: int = 0
+    metrics_addr: str = "127.0.0.1"
+    metrics_targets: Path | None = None
 
     def device_ids(self) -> list[str]:
         width = max(2, len(str(self.devices - 1)))
@@ -119,7 +124,15 @@ class LocalAgents:
         self.out = out
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, cfg: RunConfig, broker_url: str, operator_pub: str, keys: dict[str, Path], run_id: str) -> None:
+    def start(
+        self,
+        cfg: RunConfig,
+        broker_url: str,
+        operator_pub: str,
+        keys: dict[str, Path],
+        run_id: str,
+        metrics_ports: dict[str, int] | None = None,
+    ) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), PYTHONUNBUFFERED="1")
         for dev, key_path in keys.items():
             workdir = self.out / "agents" / dev
@@ -132,6 +145,9 @@ class LocalAgents:
             ]  # fmt: skip
             if cfg.data_dir:
                 cmd += ["--data-dir", str(cfg.data_dir)]
+            if metrics_ports:
+                # linger: Prometheus (2 s scrapes in monitoring/prometheus-local.yml) sees the end
+                cmd += ["--metrics-port", str(metrics_ports[dev]), "--metrics-addr", cfg.metrics_addr, "--metrics-linger", "5"]
             cmd += cfg.extra_agent_args
             log = open(workdir / "agent.log", "ab")
             self.procs[dev] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -173,6 +189,9 @@ class Experiment:
         self.mqtt: Mqtt | None = None
         self.observer: Observer | None = None
         self.genesis: Genesis | None = None
+        self.metrics = None  # orchestrator.metrics.ExperimentMetrics when cfg.metrics_port
+        self.metrics_targets: list[str] = []
+        self.targets_file: Path | None = None
 
     # -- set-up --
 
@@ -232,6 +251,39 @@ class Experiment:
         self.observer = Observer(self.mqtt)
         self.observer.watch_devices()
         self.spec = spec
+        if cfg.metrics_port:
+            from edge_agent.metrics import MetricsError
+
+            from .metrics import ExperimentMetrics
+
+            self.metrics = ExperimentMetrics()
+            try:
+                self.metrics.serve(cfg.metrics_addr, cfg.metrics_port)
+            except MetricsError as exc:
+                raise ExperimentError(f"{exc}; choose another --metrics-port or 0 to turn metrics off") from None
+            self.metrics_targets = [f"{self._metrics_host()}:{cfg.metrics_port}"]
+
+    def _metrics_host(self) -> str:
+        return "127.0.0.1" if self.cfg.metrics_addr in ("0.0.0.0", "") else self.cfg.metrics_addr
+
+    def _agent_metric_ports(self, devices: list[str]) -> dict[str, int] | None:
+        if not self.cfg.metrics_port:
+            return None
+        from edge_agent.metrics import MetricsError, free_ports
+
+        try:
+            ports = free_ports(self.cfg.metrics_port + 1, len(devices), self.cfg.metrics_addr)
+        except MetricsError as exc:
+            raise ExperimentError(str(exc)) from None
+        out = dict(zip(devices, ports))
+        host = self._metrics_host()
+        self.metrics_targets += [f"{host}:{p}" for p in ports]
+        self.log(
+            f"Prometheus metrics: operator http://{self.metrics_targets[0]}/metrics, "
+            f"agents {host}:{ports[0]}..{ports[-1]}"
+            + (f" (targets in {self.cfg.metrics_targets})" if self.cfg.metrics_targets else "")
+        )
+        return out
 
     def start_agents(self) -> dict[str, dict]:
         """Start local agents (or wait for external ones) and return the admitted devices."""
@@ -241,6 +293,8 @@ class Experiment:
         if cfg.external:
             wanted = None
             self.log(f"waiting for {cfg.devices} devices on {self.broker_url} (operator key {self.operator.public_hex})")
+            if self.metrics is not None:
+                self.log(f"Prometheus metrics: operator http://{self.metrics_targets[0]}/metrics (agents serve their own)")
         else:
             keys = {}
             for dev in cfg.device_ids():
@@ -249,7 +303,12 @@ class Experiment:
                 keys[dev] = path
             wanted = {d: KeyPair.load(p).public_hex for d, p in keys.items()}
             self.agents = LocalAgents(self.out)
-            self.agents.start(cfg, self.broker_url, self.operator.public_hex, keys, self.run_id)
+            ports = self._agent_metric_ports(list(keys))
+            if cfg.metrics_targets and self.metrics_targets:
+                from .metrics import write_targets
+
+                self.targets_file = write_targets(cfg.metrics_targets, self.run_id, self.metrics_targets)
+            self.agents.start(cfg, self.broker_url, self.operator.public_hex, keys, self.run_id, ports)
             self.log(f"started {len(keys)} local agents (logs in {self.out / 'agents'})")
         end = time.monotonic() + cfg.join_timeout
         while True:
@@ -328,6 +387,9 @@ class Experiment:
             if time.monotonic() > end:
                 raise ExperimentError(f"devices {sorted(set(self.malicious) - self.observer.acks)} did not acknowledge their command")
         self.mqtt.publish(topic(self.run_id, "genesis"), env.payload(), retain=True, wait=10)
+        if self.metrics is not None:
+            attacks = {d: cfg.attacks.get(d, cfg.attack) for d in self.malicious}
+            self.metrics.started(self.run_id, cfg, sorted(devices), attacks)
 
     # -- the run --
 
@@ -359,7 +421,11 @@ class Experiment:
                 raise ExperimentError(f"round {j}: the block the devices report is unknown to the observer")
             t_prev = now
             self.results.append(res)
+            if self.metrics is not None:
+                self.metrics.round_done(self.run_id, res, set(self.malicious))
             progress(res)
+        if self.metrics is not None:
+            self.metrics.done(self.run_id)
         time.sleep(0.5)
         obs.pump(0.5)
 
@@ -462,3 +528,7 @@ class Experiment:
             self.mqtt.close()
         if self.broker is not None:
             self.broker.stop()
+        if self.targets_file is not None:
+            self.targets_file.unlink(missing_ok=True)
+        if self.metrics is not None:
+            self.metrics.close()

@@ -53,6 +53,17 @@ def valid_hash(h: Any) -> bool:
     return isinstance(h, str) and bool(_HASH_RE.match(h))
 
 
+#: Every reason a message can be dropped for (the ``reason`` label of
+#: ``bfl_messages_dropped_total``; tests/test_metrics.py checks the code uses no other).
+DROP_REASONS = (
+    "bad_claim", "bad_genesis", "bad_signature", "bad_topic", "blacklisted", "buffer_full",
+    "busy", "duplicate", "equivocation", "future_round", "hash_mismatch", "internal_error",
+    "invalid_block", "malformed", "stale_round", "too_large", "too_many_blobs", "topic_mismatch",
+    "unexpected_kind", "unknown_operator", "unknown_sender", "wrong_kind", "wrong_prev",
+    "wrong_role", "wrong_round", "wrong_run",
+)  # fmt: skip
+
+
 class Drop(Exception):
     """A received message is dropped; ``reason`` is a short metric label."""
 

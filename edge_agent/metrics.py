@@ -1,0 +1,290 @@
+"""Prometheus metrics of one device (prometheus-client), served on a port of its own.
+
+The protocol (``protocol/node.py``) does no I/O and knows nothing of Prometheus: the agent
+shell feeds this module what it already sees -- the Node's state after every step, the
+actions it carries out, the messages the transport moves and how long each task took.
+
+Every series carries ``device``; series that belong to one run also carry ``run``. Names
+follow the Prometheus conventions: a ``bfl_`` prefix, ``_total`` on counters, base units in
+the suffix (``_seconds``, ``_bytes``, ``_ratio``). ``METRICS`` below is the list the Grafana
+dashboards may use (tests/test_dashboards.py checks every panel against it).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from .protocol.messages import DROP_REASONS, PREFIX, RUN_KINDS
+
+disable_created_metrics()  # no *_created series: they double every counter for no use here
+
+ROLES = ("worker", "validator", "miner", "idle")
+PHASES = ("train", "validate", "mine", "verify_block", "evaluate_global", "round")
+# message kinds a label may take (anything else is "other": labels stay bounded)
+KINDS = frozenset(RUN_KINDS + ("genesis", "cmd", "hello", "status"))
+PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+#: Every metric family an agent exports (without the _bucket/_sum/_count series suffixes).
+AGENT_METRICS = (
+    "bfl_agent_info",
+    "bfl_round",
+    "bfl_role",
+    "bfl_stake",
+    "bfl_chain_height",
+    "bfl_global_accuracy_ratio",
+    "bfl_attack_info",
+    "bfl_blacklisted",
+    "bfl_votes_total",
+    "bfl_rewards_total",
+    "bfl_worker_updates_total",
+    "bfl_blocks_appended_total",
+    "bfl_blocks_proposed_total",
+    "bfl_blocks_won_total",
+    "bfl_phase_duration_seconds",
+    "bfl_mqtt_messages_received_total",
+    "bfl_mqtt_messages_sent_total",
+    "bfl_mqtt_received_bytes_total",
+    "bfl_mqtt_sent_bytes_total",
+    "bfl_messages_dropped_total",
+    "bfl_mqtt_connected",
+    "bfl_mqtt_connections_total",
+)
+
+
+class MetricsError(Exception):
+    """The metrics server could not start (one line, for the CLI)."""
+
+
+def topic_kind(topic: str) -> str:
+    """The message kind of a topic, for a bounded ``kind`` label."""
+    parts = topic.split("/")
+    if len(parts) >= 5 and "/".join(parts[:2]) == PREFIX and parts[2] == "devices":
+        kind = parts[4]
+    elif len(parts) >= 4 and "/".join(parts[:2]) == PREFIX:
+        kind = parts[3]
+    else:
+        kind = "other"
+    return kind if kind in KINDS else "other"
+
+
+def serve(registry: CollectorRegistry, addr: str, port: int):
+    """Start the HTTP server for ``registry``; a clear MetricsError when the port is taken."""
+    try:
+        return start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise MetricsError(f"cannot serve metrics on {addr}:{port} ({exc.strerror or exc})") from None
+
+
+def free_ports(start: int, count: int, host: str = "127.0.0.1", limit: int = 2000) -> list[int]:
+    """``count`` TCP ports free on ``host``, the first ones from ``start`` on."""
+    out: list[int] = []
+    port = start
+    while len(out) < count and port < min(start + limit, 65536):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+                out.append(port)
+            except OSError:
+                pass
+        port += 1
+    if len(out) < count:
+        raise MetricsError(f"no {count} free ports from {start} on")
+    return out
+
+
+class AgentMetrics:
+    """The metrics of one device. Call from the agent's protocol thread; the transport
+    counters (``sent``/``received``/``connection``) may be called from paho's thread."""
+
+    def __init__(self, device: str, caps: list[str], registry: CollectorRegistry | None = None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        self.device = device
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        d, dr = ["device"], ["device", "run"]
+        try:
+            ver = version("posbfl-testbed")
+        except PackageNotFoundError:
+            ver = "unknown"
+        Gauge("bfl_agent_info", "This device: capabilities and software version.", d + ["caps", "version"], registry=r).labels(
+            device, ",".join(caps), ver
+        ).set(1)
+        self.round = Gauge("bfl_round", "The round j this device works on (the last one once the run is done).", dr, registry=r)
+        self.role = Gauge("bfl_role", "1 for this device's role in the current round, 0 for the others.", dr + ["role"], registry=r)
+        self.stake = Gauge("bfl_stake", "This device's stake on its chain (Eq. 1-3 rewards so far).", dr, registry=r)
+        self.height = Gauge("bfl_chain_height", "Blocks on this device's chain.", dr, registry=r)
+        self.accuracy = Gauge(
+            "bfl_global_accuracy_ratio", "Accuracy of the latest global model G_j on this device's test split.", dr, registry=r
+        )
+        self.attack = Gauge(
+            "bfl_attack_info", "1 with the attack the operator injected into this device ('none': honest).", dr + ["attack"], registry=r
+        )
+        self.blacklisted = Gauge("bfl_blacklisted", "1 once the chain has knocked this device out.", dr, registry=r)
+        self.votes = Counter("bfl_votes", "Votes this device cast as a validator, by outcome.", d + ["outcome"], registry=r)
+        self.rewards = Counter("bfl_rewards", "Stake this device earned, by the role that earned it.", d + ["role"], registry=r)
+        self.updates = Counter(
+            "bfl_worker_updates", "This device's local updates as they ended in a block (accepted/rejected).", d + ["outcome"], registry=r
+        )
+        self.appended = Counter("bfl_blocks_appended", "Blocks appended to this device's chain.", d, registry=r)
+        self.proposed = Counter("bfl_blocks_proposed", "Candidate blocks this device mined.", d, registry=r)
+        self.won = Counter("bfl_blocks_won", "Blocks of this device that won the fork choice.", d, registry=r)
+        self.phase = Histogram(
+            "bfl_phase_duration_seconds",
+            "Duration of this device's work per phase (train, validate, mine, verify_block, evaluate_global) and of whole rounds.",
+            d + ["phase"],
+            buckets=PHASE_BUCKETS,
+            registry=r,
+        )
+        self.msgs_in = Counter("bfl_mqtt_messages_received", "MQTT messages received, by kind.", d + ["kind"], registry=r)
+        self.msgs_out = Counter("bfl_mqtt_messages_sent", "MQTT messages published, by kind.", d + ["kind"], registry=r)
+        self.bytes_in = Counter("bfl_mqtt_received_bytes", "MQTT payload bytes received, by kind.", d + ["kind"], registry=r)
+        self.bytes_out = Counter("bfl_mqtt_sent_bytes", "MQTT payload bytes published, by kind.", d + ["kind"], registry=r)
+        self.dropped = Counter(
+            "bfl_messages_dropped", "Messages this device rejected, by reason (bad signature, stale round, ...).", d + ["reason"], registry=r
+        )
+        self.connected = Gauge("bfl_mqtt_connected", "1 while connected to the MQTT broker.", d, registry=r)
+        self.connections = Counter("bfl_mqtt_connections", "Successful (re)connections to the broker.", d, registry=r)
+        self.connected.labels(device).set(0)
+        for outcome in ("positive", "negative"):
+            self.votes.labels(device, outcome)
+        for outcome in ("accepted", "rejected"):
+            self.updates.labels(device, outcome)
+        for role in ("worker", "validator", "miner"):
+            self.rewards.labels(device, role)
+        self.appended.labels(device)
+        self.proposed.labels(device)
+        self.won.labels(device)
+        self.connections.labels(device)
+        for reason in DROP_REASONS:  # every reason exists from the start, at 0
+            self.dropped.labels(device, reason)
+        for kind in ("wtx", "vtx", "block", "blob", "head", "report"):
+            for c in (self.msgs_in, self.msgs_out, self.bytes_in, self.bytes_out):
+                c.labels(device, kind)
+        self._run: str | None = None
+        self._seen_drops: dict[str, int] = {}
+        self._round_no = 0
+        self._round_started: dict[int, float] = {}
+        self._role_of_round: dict[int, str] = {}
+        self._stake_now = 0
+        self._attack: str | None = None
+
+    # -- transport (any thread) --
+
+    def sent(self, topic: str, nbytes: int) -> None:
+        kind = topic_kind(topic)
+        self.msgs_out.labels(self.device, kind).inc()
+        self.bytes_out.labels(self.device, kind).inc(nbytes)
+
+    def received(self, topic: str, nbytes: int) -> None:
+        kind = topic_kind(topic)
+        self.msgs_in.labels(self.device, kind).inc()
+        self.bytes_in.labels(self.device, kind).inc(nbytes)
+
+    def connection(self, up: bool) -> None:
+        self.connected.labels(self.device).set(1 if up else 0)
+        if up:
+            self.connections.labels(self.device).inc()
+
+    # -- protocol thread --
+
+    def joined(self, run: str) -> None:
+        """A new run: forget the last run's per-run series."""
+        for g in (self.round, self.role, self.stake, self.height, self.accuracy, self.attack, self.blacklisted):
+            g.clear()
+        self._run = run
+        self._round_no = 0
+        self._round_started.clear()
+        self._role_of_round.clear()
+        self._stake_now = 0
+        self._attack = None
+
+    def drops(self, *counters: Mapping[str, int]) -> None:
+        """Bring ``bfl_messages_dropped_total`` up to the sum of the shell's and the Node's counters."""
+        total: dict[str, int] = {}
+        for c in counters:
+            for reason, n in c.items():
+                total[reason] = total.get(reason, 0) + n
+        for reason, n in total.items():
+            delta = n - self._seen_drops.get(reason, 0)
+            if delta > 0:
+                self.dropped.labels(self.device, reason).inc(delta)
+                self._seen_drops[reason] = n
+
+    def update(self, node, now: float | None = None) -> None:
+        """Gauges from the Node's state (cheap; called after every protocol step)."""
+        if node is None or self._run != node.run:
+            return
+        now = time.monotonic() if now is None else now
+        run, dev = node.run, self.device
+        st = node.state
+        ctx = node.ctx
+        j = ctx.round if ctx is not None else st.height
+        if ctx is not None and j != self._round_no:
+            self._round_no = j
+            self._round_started[j] = now
+            role = ctx.roles.role_of(dev) or "idle"
+            self._role_of_round[j] = role
+            for name in ROLES:
+                self.role.labels(dev, run, name).set(1 if name == role else 0)
+        elif ctx is None and node.finished:
+            for name in ROLES:
+                self.role.labels(dev, run, name).set(1 if name == "idle" else 0)
+        self.round.labels(dev, run).set(j)
+        self.stake.labels(dev, run).set(st.stake(dev))
+        self.height.labels(dev, run).set(st.height)
+        self.blacklisted.labels(dev, run).set(1 if dev in st.blacklist else 0)
+        attack = (node.attack or {}).get("name") or "none"
+        if attack != self._attack:
+            self.attack.clear()
+            self.attack.labels(dev, run, attack).set(1)
+            self._attack = attack
+        self.drops(node.drops, {"duplicate": node.duplicates})
+
+    def published(self, topic: str, payload: bytes) -> None:
+        """Our own protocol messages: votes cast and blocks proposed."""
+        kind = topic_kind(topic)
+        if kind == "vtx":
+            try:
+                votes = json.loads(payload)["body"]["votes"]
+            except (ValueError, KeyError, TypeError):
+                return
+            for v in votes:
+                self.votes.labels(self.device, "positive" if v.get("positive") else "negative").inc()
+        elif kind == "block":
+            self.proposed.labels(self.device).inc()
+
+    def committed(self, block, state, now: float | None = None) -> None:
+        """A block was appended: rewards, own update's fate, round duration."""
+        now = time.monotonic() if now is None else now
+        dev = self.device
+        h = state.height
+        self.appended.labels(dev).inc()
+        if block.sender == dev:
+            self.won.labels(dev).inc()
+        body = block.body
+        if dev in body.get("accepted", ()):
+            self.updates.labels(dev, "accepted").inc()
+        elif dev in body.get("rejected", ()):
+            self.updates.labels(dev, "rejected").inc()
+        stake = state.stake(dev)
+        gained = stake - self._stake_now
+        self._stake_now = stake
+        role = self._role_of_round.get(h, "idle")
+        if gained > 0 and role in ("worker", "validator", "miner"):
+            self.rewards.labels(dev, role).inc(gained)
+        started = self._round_started.pop(h, None)
+        if started is not None:
+            self.phase.labels(dev, "round").observe(max(0.0, now - started))
+
+    def task_time(self, phase: str, seconds: float) -> None:
+        self.phase.labels(self.device, phase).observe(seconds)
+
+    def global_accuracy(self, acc_bp: int) -> None:
+        if self._run is not None:
+            self.accuracy.labels(self.device, self._run).set(acc_bp / 10000)
