@@ -173,7 +173,7 @@ class Agent:
             self._execute(self.node.tick(time.monotonic()))
         if self.metrics is not None:
             self.metrics.update(self.node)
-            self.metrics.drops(self.drops)
+            self.metrics.drops(self.drops, source="agent")
 
     def _on_incoming(self, msg: Incoming) -> None:
         try:

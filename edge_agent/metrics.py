@@ -167,7 +167,7 @@ class AgentMetrics:
             for c in (self.msgs_in, self.msgs_out, self.bytes_in, self.bytes_out):
                 c.labels(device, kind)
         self._run: str | None = None
-        self._seen_drops: dict[str, int] = {}
+        self._seen_drops: dict[tuple[str, str], int] = {}
         self._round_no = 0
         self._round_started: dict[int, float] = {}
         self._role_of_round: dict[int, str] = {}
@@ -198,23 +198,22 @@ class AgentMetrics:
         for g in (self.round, self.role, self.stake, self.height, self.accuracy, self.attack, self.blacklisted):
             g.clear()
         self._run = run
+        self._seen_drops = {k: v for k, v in self._seen_drops.items() if k[0] != "node"}  # a new Node counts from 0
         self._round_no = 0
         self._round_started.clear()
         self._role_of_round.clear()
         self._stake_now = 0
         self._attack = None
 
-    def drops(self, *counters: Mapping[str, int]) -> None:
-        """Bring ``bfl_messages_dropped_total`` up to the sum of the shell's and the Node's counters."""
-        total: dict[str, int] = {}
-        for c in counters:
-            for reason, n in c.items():
-                total[reason] = total.get(reason, 0) + n
-        for reason, n in total.items():
-            delta = n - self._seen_drops.get(reason, 0)
+    def drops(self, counts: Mapping[str, int], source: str = "agent") -> None:
+        """Bring ``bfl_messages_dropped_total`` up to date with one source's running counts
+        (the shell's own Counter, or the Node's, which starts over with every run)."""
+        for reason, n in counts.items():
+            key = (source, reason)
+            delta = n - self._seen_drops.get(key, 0)
             if delta > 0:
                 self.dropped.labels(self.device, reason).inc(delta)
-                self._seen_drops[reason] = n
+            self._seen_drops[key] = n
 
     def update(self, node, now: float | None = None) -> None:
         """Gauges from the Node's state (cheap; called after every protocol step)."""
@@ -244,7 +243,7 @@ class AgentMetrics:
             self.attack.clear()
             self.attack.labels(dev, run, attack).set(1)
             self._attack = attack
-        self.drops(node.drops, {"duplicate": node.duplicates})
+        self.drops({**node.drops, "duplicate": node.duplicates}, source="node")
 
     def published(self, topic: str, payload: bytes) -> None:
         """Our own protocol messages: votes cast and blocks proposed."""
