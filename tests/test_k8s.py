@@ -663,11 +663,11 @@ def test_prometheus_scrapes_the_metrics_pods():
     sd = job["kubernetes_sd_configs"][0]
     assert sd["role"] == "pod" and sd["namespaces"]["names"] == [NAMESPACE]
     keeps = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
-    targets = {"__meta_kubernetes_pod_name": "pod", "__meta_kubernetes_pod_label_app_kubernetes_io_component": "component"}
+    # the pod name becomes the `pod` (and `instance`) label
     for r in job["relabel_configs"]:
         if r.get("target_label") in ("pod", "instance"):
             assert r["source_labels"] == ["__meta_kubernetes_pod_name"]
-    assert "pod" in {r.get("target_label") for r in job["relabel_configs"]}, targets
+    assert "pod" in {r.get("target_label") for r in job["relabel_configs"]}
 
     def meta(pod_meta, port_name):
         labels = pod_meta.get("labels", {})
@@ -810,7 +810,7 @@ def test_mosquitto_accepts_the_configmap(tmp_path):
         ])  # fmt: skip
         assert "bfl/v1/r1/cmd/bfl-agent-3" in topics(a3)
         assert topics(anon) == []
-        assert (b"forged" not in {p for cl in (op, v1) for _, p in cl.messages})
+        assert b"forged" not in {p for cl in (op, v1) for _, p in cl.messages}
     finally:
         for cl in clients:
             cl.close()
