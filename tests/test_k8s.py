@@ -462,6 +462,14 @@ def test_orchestrator_job_matches_the_cli_and_the_agents():
     assert 1 <= w <= trainers and w + v + m <= int(args["--devices"])
     assert 0 < int(args["--malicious"]) < int(args["--devices"])
     assert args["--model"] == "mlp" and args["--dataset"] == "fashion-mnist"
+    # the malicious devices the orchestrator will pick (by --seed, among the admitted pod names)
+    # can train, else a gaussian attack never fires
+    from orchestrator.experiment import RunConfig, choose_malicious
+
+    pods = sorted(f"{name}-{i}" for name, n in replicas.items() for i in range(n))
+    bad = choose_malicious(RunConfig(malicious=int(args["--malicious"]), seed=int(args.get("--seed", 0))), pods)
+    can_train = {s["metadata"]["name"] for s in statefulset_agents() if "BFL_CAPS" not in env_of(s["spec"]["template"]["spec"]["containers"][0])}
+    assert bad and all(d.rsplit("-", 1)[0] in can_train for d in bad), bad
     assert args.get("--quiet") is True
     # the operator's secret key from the user's Secret
     m_, vol = mount_for(c, spec, args["--operator-key"])
