@@ -104,6 +104,7 @@ class Agent:
         self.pending_cmds: dict[str, dict] = {}
         self.drops: Counter[str] = Counter()
         self.stopped = False
+        self.stop_requested = False
 
     # -- announcements --
 
@@ -140,7 +141,7 @@ class Agent:
                 self._step()
         finally:
             self.tasks.shutdown(wait=False, cancel_futures=True)
-            if self.exit_after_run:
+            if self.exit_after_run or self.stop_requested:
                 self.mqtt.publish(device_topic(self.me, "status"), self._signed_status("offline"), retain=True, wait=5)
             self.mqtt.close()
             if self.metrics_server is not None:
@@ -148,6 +149,11 @@ class Agent:
                     self.metrics.update(self.node)
                     time.sleep(self.metrics_linger)  # let Prometheus scrape the final state
                 self.metrics_server[0].shutdown()
+
+    def stop(self) -> None:
+        """Leave cleanly (SIGTERM): announce 'offline' and disconnect; the chain is on disk."""
+        self.stop_requested = True
+        self.stopped = True
 
     def _step(self) -> None:
         deadline = time.monotonic() + TICK_S

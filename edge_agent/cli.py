@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -123,6 +124,8 @@ def run(
             metrics_linger=metrics_linger,
         )
         logging.getLogger("bfl.agent").info("%s: key fingerprint %s", device_id, fingerprint(key.public_hex))
+        # SIGTERM (systemd, podman stop, Kubernetes; PID 1 in a container ignores it otherwise)
+        signal.signal(signal.SIGTERM, lambda *_: agent.stop())
         agent.run_forever()
     except (TransportError, MetricsError) as exc:
         fail(str(exc))

@@ -78,7 +78,10 @@ class RunConfig:
         return [f"d{i:0{width}d}" for i in range(self.devices)]
 
 
-def choose_malicious(cfg: RunConfig, devices: list[str]) -> list[str]:
+def choose_malicious(cfg: RunConfig, devices: list[str], trainers: list[str] | None = None) -> list[str]:
+    """The operator's pick. ``--malicious K`` draws among the devices that can train (a
+    poisoning attack on a validator-only device would never fire), except for the voting
+    attack, which any device can mount."""
     if cfg.malicious_ids:
         unknown = [d for d in cfg.malicious_ids if d not in devices]
         if unknown:
@@ -86,7 +89,10 @@ def choose_malicious(cfg: RunConfig, devices: list[str]) -> list[str]:
         return sorted(cfg.malicious_ids)
     if not 0 <= cfg.malicious <= len(devices):
         raise ExperimentError(f"--malicious {cfg.malicious}: must be between 0 and {len(devices)}")
-    return sorted(random.Random(cfg.seed).sample(devices, cfg.malicious))
+    pool = devices if cfg.attack == "invert_votes" or trainers is None else [d for d in devices if d in set(trainers)]
+    if cfg.malicious > len(pool):
+        raise ExperimentError(f"--malicious {cfg.malicious}: only {len(pool)} devices can train (and poison an update)")
+    return sorted(random.Random(cfg.seed).sample(pool, cfg.malicious))
 
 
 def data_spec(cfg: RunConfig) -> dict:
@@ -343,7 +349,7 @@ class Experiment:
         trainers = [d for d, info in devices.items() if "train" in info["caps"]]
         if len(trainers) < cfg.roles[0]:
             raise ExperimentError(f"only {len(trainers)} devices can train (torch installed) but |W| = {cfg.roles[0]}")
-        self.malicious = choose_malicious(cfg, sorted(devices))
+        self.malicious = choose_malicious(cfg, sorted(devices), trainers)
         init = bl.encode(init_params(cfg.model, cfg.seed))
         body = make_genesis_body(
             run=self.run_id,

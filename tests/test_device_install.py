@@ -142,3 +142,53 @@ def test_validator_only_install_has_no_torch_and_validates_in_a_live_run(tmp_pat
     took_part = [b for b in chain if b.sender == "slim" or any(from_json(v).sender == "slim" for v in b.body["vtxs"])]
     assert took_part, "the validator-only device neither voted nor mined"
     print(f"validator-only install: {install_s:.0f} s")
+
+
+def test_sigterm_stops_the_agent_cleanly_and_it_says_offline(tmp_path, mosquitto_broker):
+    """systemd, podman and Kubernetes stop an agent with SIGTERM (as PID 1 in a container,
+    Python would otherwise ignore it): it must leave at once and announce 'offline'."""
+    import signal
+
+    import paho.mqtt.client as mqtt
+
+    from edge_agent.protocol.messages import decode, device_topic
+    from edge_agent.transport import parse_broker_url
+
+    op = KeyPair.generate()
+    p = start_agent(BIN / "bfl-agent", "pi-07", mosquitto_broker, op.public_hex, tmp_path, "validate,mine")
+    host, port, _ = parse_broker_url(mosquitto_broker)
+    seen: list[str] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.on_message = lambda cl, ud, msg: seen.append(decode(msg.payload).body["state"]) if msg.payload else None
+    c.on_connect = lambda cl, ud, fl, rc, pr: cl.subscribe(device_topic("pi-07", "status"), 1)
+    c.connect(host, port)
+    c.loop_start()
+    try:
+        end = time.monotonic() + 60
+        while "online" not in seen and time.monotonic() < end:
+            time.sleep(0.2)
+        assert "online" in seen, (tmp_path / "pi-07" / "agent.log").read_text()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+        end = time.monotonic() + 10
+        while seen[-1] != "offline" and time.monotonic() < end:
+            time.sleep(0.1)
+        assert seen[-1] == "offline"
+    finally:
+        c.loop_stop()
+        if p.poll() is None:
+            p.kill()
+
+
+def test_poisoners_are_drawn_among_devices_that_can_train():
+    from orchestrator.experiment import ExperimentError, RunConfig, choose_malicious
+
+    devices = [f"v{i}" for i in range(6)] + ["t0", "t1"]
+    for seed in range(20):
+        cfg = RunConfig(devices=8, malicious=2, seed=seed)
+        assert choose_malicious(cfg, devices, ["t0", "t1"]) == ["t0", "t1"]
+    # the voting attack needs no training
+    picks = {tuple(choose_malicious(RunConfig(malicious=1, seed=s, attack="invert_votes"), devices, ["t0", "t1"])) for s in range(20)}
+    assert any(p[0].startswith("v") for p in picks)
+    with pytest.raises(ExperimentError, match="only 2 devices can train"):
+        choose_malicious(RunConfig(malicious=3), devices, ["t0", "t1"])
