@@ -28,7 +28,8 @@ FROM ${BASE_IMAGE} AS base
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends dataset-fashion-mnist \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 RUN groupadd --system --gid 10001 bfl \
     && useradd --system --uid 10001 --gid bfl --home-dir /data --no-create-home --shell /usr/sbin/nologin bfl \
     && mkdir -p /data \
@@ -52,21 +53,31 @@ ARG PIP_FIND_LINKS=""
 ARG PIP_INDEX_URL=""
 ARG PIP_EXTRA_INDEX_URL=""
 WORKDIR /src
+# Dependencies first, from pyproject.toml alone (an empty package with the project's metadata),
+# so that a change in the sources does not resolve and download them again.
 COPY pyproject.toml README.md ./
+RUN pip wheel --wheel-dir /wheels ".[validator,broker]"
 COPY edge_agent ./edge_agent
 COPY broker ./broker
 COPY orchestrator ./orchestrator
-# requirements.txt pins exactly what was built, for a --no-index install in the next stages.
-RUN pip wheel --wheel-dir /wheels ".[validator,broker]" \
+# The real project wheel replaces the empty one; requirements.txt pins exactly what was built,
+# for the --no-index installs below.
+RUN rm -rf /wheels/posbfl_testbed-*.whl build ./*.egg-info \
+    && pip wheel --no-deps --wheel-dir /wheels . \
     && for w in /wheels/*.whl; do n="${w##*/}"; v="${n#*-}"; echo "${n%%-*}==${v%%-*}"; done >/wheels/requirements.txt \
     && sed -i 's/^posbfl_testbed==/posbfl_testbed[validator,broker]==/' /wheels/requirements.txt \
     && cat /wheels/requirements.txt
 
 # -------------------------------------------------------------------------------- validator
-FROM base AS validator
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/tmp/wheels \
-    pip install --no-index --find-links /tmp/wheels --requirement /tmp/wheels/requirements.txt \
+# (Stages install into /opt/bfl and the final images copy the venv: buildah 1.28, podman 4.3's,
+# cannot bind-mount a cached stage with RUN --mount=from=...)
+FROM base AS validator-venv
+COPY --from=wheels /wheels /tmp/wheels
+RUN pip install --no-index --find-links /tmp/wheels --requirement /tmp/wheels/requirements.txt \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+
+FROM base AS validator
+COPY --from=validator-venv /opt/bfl /opt/bfl
 USER 10001:10001
 WORKDIR /data
 # Without torch the agent announces itself as validate,mine.
@@ -86,7 +97,8 @@ RUN groupadd --system --gid 10002 mosquitto \
         --shell /usr/sbin/nologin mosquitto \
     && apt-get update \
     && apt-get install -y --no-install-recommends mosquitto \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && mkdir -p /var/lib/mosquitto \
     && chown mosquitto:mosquitto /var/lib/mosquitto
 COPY broker/mosquitto/mosquitto.conf broker/mosquitto/acl /etc/mosquitto/bfl/
@@ -110,9 +122,12 @@ RUN pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}" \
     && python -c "import torch; assert not torch.cuda.is_available(); print('torch', torch.__version__)"
 
 # ------------------------------------------------------------------------------------- full
-FROM torch AS full
-RUN --mount=type=bind,from=wheels,source=/wheels,target=/tmp/wheels \
-    pip install --no-index --find-links /tmp/wheels --requirement /tmp/wheels/requirements.txt
+FROM torch AS full-venv
+COPY --from=wheels /wheels /tmp/wheels
+RUN pip install --no-index --find-links /tmp/wheels --requirement /tmp/wheels/requirements.txt
+
+FROM base AS full
+COPY --from=full-venv /opt/bfl /opt/bfl
 USER 10001:10001
 WORKDIR /data
 CMD ["bfl-agent", "run"]
