@@ -157,7 +157,7 @@ def test_images_run_an_experiment(tmp_path):
             "bfl", "run", "--external", "--broker", url, "--devices", "6", "--operator-key", "/data/out/operator.key",
             "--roles", "3,2,1", "--rounds", "2", "--model", "mlp", "--dataset", "fashion-mnist",
             "--samples-per-device", "300", "--local-epochs", "1", "--deadlines", "120,60,60",
-            "--join-timeout", "180", "--quiet", "--out", "/data/out/run",
+            "--join-timeout", "180", "--metrics-port", "0", "--quiet", "--out", "/data/out/run",
             timeout=900, check=False,
         )  # fmt: skip
         podman.names.append(f"{tag}-operator")  # removed by --rm; listed in case it was left
