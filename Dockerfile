@@ -55,8 +55,11 @@ ARG PIP_EXTRA_INDEX_URL=""
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone (an empty package with the project's metadata),
 # so that a change in the sources does not resolve and download them again.
-COPY pyproject.toml README.md ./
-RUN pip wheel --wheel-dir /wheels ".[validator,broker]"
+# (README.md, the package's long description, is a placeholder here: editing it must not either.)
+COPY pyproject.toml ./
+RUN touch README.md \
+    && pip wheel --wheel-dir /wheels ".[validator,broker]"
+COPY README.md ./
 COPY edge_agent ./edge_agent
 COPY broker ./broker
 COPY orchestrator ./orchestrator

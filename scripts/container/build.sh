@@ -13,8 +13,9 @@
 #
 # Options:
 #   --local            this testbed machine: --base local, --ca-bundle /etc/ssl/certs/ca-certificates.crt,
-#                      --wheels /opt/wheels and torch from PyPI + that folder (each only if the
-#                      file/folder exists), --isolation chroot, CONTAINERS_CONF=containers.conf here
+#                      --wheels /opt/wheels (each only if it exists; torch then comes from a
+#                      torch-*+cpu wheel there, its dependencies from the pip index),
+#                      --isolation chroot, CONTAINERS_CONF=containers.conf beside this script
 #   --base IMAGE       base image with Python 3.11 (default python:3.11-slim-bookworm);
 #                      'local' = localhost/bfl-base:bookworm, made with debootstrap (root) if missing
 #   --rebuild-base     remake the local base even if it exists
@@ -24,9 +25,8 @@
 #   --wheels DIR       mount DIR into the build (/run/bfl-wheels) as PIP_FIND_LINKS (local wheels,
 #                      e.g. torch)
 #   --pip-index URL    PIP_INDEX_URL for the build (default: pip's, PyPI)
-#   --torch-index URL  index for torch (default https://download.pytorch.org/whl/cpu; with --local
-#                      the pip index, https://pypi.org/simple, as torch comes from --wheels)
-#   --torch-version V  torch release (default 2.13.0; with --local and --wheels: the +cpu wheel's)
+#   --torch-index URL  index for torch (default https://download.pytorch.org/whl/cpu)
+#   --torch-version V  torch release (default 2.13.0; with --local: the +cpu wheel's, e.g. 2.13.0+cpu)
 #   --targets LIST     comma-separated subset of full,validator,broker (default all three)
 #   --name NAME        image name (default posbfl-testbed)
 #   --version V        tag (default: pyproject.toml's version)
@@ -75,12 +75,14 @@ if ((LOCAL)); then
     [[ -n "$CA" || ! -f /etc/ssl/certs/ca-certificates.crt ]] || CA=/etc/ssl/certs/ca-certificates.crt
     [[ -n "$WHEELS" || ! -d /opt/wheels ]] || WHEELS=/opt/wheels
     [[ -n "$ISOLATION" ]] || ISOLATION=chroot
-    # torch from the wheel folder, its dependencies from the pip index
-    ((TORCH_INDEX_SET)) || TORCH_INDEX="${PIP_INDEX:-https://pypi.org/simple}"
-    if [[ -z "$TORCH_VERSION" && -n "$WHEELS" ]]; then
-        # the CPU wheel on disk; an unpinned torch from PyPI would be the multi-GB CUDA build
+    if [[ -n "$WHEELS" ]] && ((TORCH_INDEX_SET == 0)); then
+        # torch from the CPU wheel in the folder (pinned with its +cpu label: plain torch from
+        # PyPI is the multi-GB CUDA build), its dependencies from the pip index
         whl="$(find "$WHEELS" -maxdepth 1 -name 'torch-*+cpu-*.whl' | sort | tail -n 1)"
-        [[ -z "$whl" ]] || TORCH_VERSION="$(basename "$whl" | cut -d- -f2)"
+        if [[ -n "$whl" ]]; then
+            TORCH_INDEX="${PIP_INDEX:-https://pypi.org/simple}"
+            [[ -n "$TORCH_VERSION" ]] || TORCH_VERSION="$(basename "$whl" | cut -d- -f2)"
+        fi
     fi
     [[ -n "${CONTAINERS_CONF:-}" ]] || export CONTAINERS_CONF="$HERE/containers.conf"
 fi
