@@ -107,9 +107,10 @@ def test_images_run_an_experiment(tmp_path):
     full, validator, broker_img = f"posbfl-testbed:{ver}", f"posbfl-testbed:{ver}-validator", f"posbfl-testbed:{ver}-broker"
 
     # Build (or refresh from podman's layer cache: unchanged sources rebuild in seconds, so the
-    # images always match the working tree).
+    # images always match the working tree). --prune drops earlier builds' images: a CI machine
+    # that is kept between runs would otherwise fill its disk.
     t0 = time.monotonic()
-    proc = subprocess.run([str(BUILD), "--local"], capture_output=True, text=True, timeout=3000, env=podman.env)
+    proc = subprocess.run([str(BUILD), "--local", "--prune"], capture_output=True, text=True, timeout=3000, env=podman.env)
     build_s = time.monotonic() - t0
     assert proc.returncode == 0, f"build failed after {build_s:.0f}s:\n{proc.stdout[-4000:]}{proc.stderr[-6000:]}"
     print(f"\nbuild: {build_s:.0f}s\n" + "\n".join(line for line in proc.stderr.splitlines() if line.startswith("==>")))

@@ -33,6 +33,9 @@
 #   --engine E         podman or docker (default: podman if installed, else docker)
 #   --isolation I      podman build --isolation (default: podman's; chroot with --local)
 #   --no-cache         do not reuse cached layers
+#   --prune            afterwards remove dangling images (earlier builds' leftovers: ~2.5 GB per
+#                      source change) from the engine's storage; the build cache of the expensive
+#                      stages survives as NAME:VERSION-cache-wheels and NAME:VERSION-cache-torch
 # --ca-bundle and --wheels need podman (docker build has no -v). Environment: CONTAINERS_CONF
 # (podman) is respected if set; BUILD_ARGS="..." adds raw arguments to every build command.
 # Prints the time of each step and the image sizes.
@@ -45,7 +48,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 LOCAL=0 BASE="" REBUILD_BASE=0 MIRROR="http://deb.debian.org/debian" CA="" WHEELS="" PIP_INDEX=""
 TORCH_INDEX="https://download.pytorch.org/whl/cpu" TORCH_INDEX_SET=0 TORCH_VERSION="" TARGETS="full,validator,broker"
-NAME="posbfl-testbed" VERSION="" ENGINE="" ISOLATION="" NO_CACHE=0
+NAME="posbfl-testbed" VERSION="" ENGINE="" ISOLATION="" NO_CACHE=0 PRUNE=0
 LOCAL_BASE="localhost/bfl-base:bookworm"
 while (($#)); do
     case "$1" in
@@ -64,6 +67,7 @@ while (($#)); do
         --engine) ENGINE="$2"; shift ;;
         --isolation) ISOLATION="$2"; shift ;;
         --no-cache) NO_CACHE=1 ;;
+        --prune) PRUNE=1 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -175,15 +179,34 @@ fi
 say "engine $ENGINE${CONTAINERS_CONF:+ (CONTAINERS_CONF=$CONTAINERS_CONF)}, base $BASE, torch==$TORCH_VERSION from $TORCH_INDEX${WHEELS:+ + $WHEELS}"
 built=()
 IFS=, read -r -a targets <<<"$TARGETS"
+stages=()
 for t in "${targets[@]}"; do
+    case "$t" in
+        full) stages+=(wheels torch full) ;;
+        validator) stages+=(wheels validator) ;;
+        broker) stages+=(broker) ;;
+        *) die "--targets: unknown target '$t' (full, validator, broker)" ;;
+    esac
+done
+declare -A done_stage=()
+for t in "${stages[@]}"; do
+    [[ -z "${done_stage[$t]:-}" ]] || continue
+    done_stage[$t]=1
     case "$t" in
         full) tag="$NAME:$VERSION" ;;
         validator|broker) tag="$NAME:$VERSION-$t" ;;
-        *) die "--targets: unknown target '$t' (full, validator, broker)" ;;
+        # the expensive intermediate stages (dependency wheels, torch) are tagged too, so that
+        # --prune (or any `podman image prune`) keeps them as build cache
+        *) tag="$NAME:$VERSION-cache-$t" ;;
     esac
     timed "target $t -> $tag" "${build[@]}" --target "$t" -t "$tag" "$ROOT"
-    built+=("$tag")
+    [[ "$tag" == *-cache-* ]] || built+=("$tag")
 done
+if ((PRUNE)); then
+    # Each build whose sources changed leaves the previous images untagged (~2.5 GB for the full
+    # image and its venv stage); this removes all dangling images of this engine's storage.
+    timed "prune dangling images" "$ENGINE" image prune -f >/dev/null
+fi
 
 say "total: $((SECONDS - T_START))s"
 for tag in "${built[@]}"; do
