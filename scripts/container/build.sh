@@ -35,7 +35,7 @@
 #   --no-cache         do not reuse cached layers
 #   --prune            afterwards remove dangling images (earlier builds' leftovers: ~2.5 GB per
 #                      source change) from the engine's storage; the build cache of the expensive
-#                      stages survives as NAME:VERSION-cache-wheels and NAME:VERSION-cache-torch
+#                      stages survives as NAME:VERSION-cache-{wheels,torch,full-venv,validator-venv}
 # --ca-bundle and --wheels need podman (docker build has no -v). Environment: CONTAINERS_CONF
 # (podman) is respected if set; BUILD_ARGS="..." adds raw arguments to every build command.
 # Prints the time of each step and the image sizes.
@@ -182,8 +182,8 @@ IFS=, read -r -a targets <<<"$TARGETS"
 stages=()
 for t in "${targets[@]}"; do
     case "$t" in
-        full) stages+=(wheels torch full) ;;
-        validator) stages+=(wheels validator) ;;
+        full) stages+=(wheels torch full-venv full) ;;
+        validator) stages+=(wheels validator-venv validator) ;;
         broker) stages+=(broker) ;;
         *) die "--targets: unknown target '$t' (full, validator, broker)" ;;
     esac
@@ -195,7 +195,7 @@ for t in "${stages[@]}"; do
     case "$t" in
         full) tag="$NAME:$VERSION" ;;
         validator|broker) tag="$NAME:$VERSION-$t" ;;
-        # the expensive intermediate stages (dependency wheels, torch) are tagged too, so that
+        # the intermediate stages (dependency wheels, torch, the venvs) are tagged too, so that
         # --prune (or any `podman image prune`) keeps them as build cache
         *) tag="$NAME:$VERSION-cache-$t" ;;
     esac
