@@ -80,7 +80,7 @@ def run(
     join_timeout: float = typer.Option(300, help="Seconds to wait for devices to connect."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     metrics_port: int = typer.Option(
-        9400, min=0, max=65535, help="Serve the operator's Prometheus metrics here; local agents use the next free ports (0: off)."
+        9400, min=0, max=65535, help="Serve the operator's Prometheus metrics on this port (the next free one if taken); local agents use the following free ports (0: off)."
     ),
     metrics_addr: str = typer.Option("127.0.0.1", help="Address the metrics servers bind (0.0.0.0 in a container)."),
     metrics_targets: Path = typer.Option(

@@ -197,6 +197,7 @@ class Experiment:
         self.genesis: Genesis | None = None
         self.metrics = None  # orchestrator.metrics.ExperimentMetrics when cfg.metrics_port
         self.metrics_targets: list[str] = []
+        self.metrics_port = 0
         self.targets_file: Path | None = None
 
     # -- set-up --
@@ -258,16 +259,21 @@ class Experiment:
         self.observer.watch_devices()
         self.spec = spec
         if cfg.metrics_port:
-            from edge_agent.metrics import MetricsError
+            from edge_agent.metrics import MetricsError, free_ports
 
             from .metrics import ExperimentMetrics
 
             self.metrics = ExperimentMetrics()
             try:
-                self.metrics.serve(cfg.metrics_addr, cfg.metrics_port)
+                # the first free port from --metrics-port on (another run may hold 9400)
+                port = free_ports(cfg.metrics_port, 1, cfg.metrics_addr)[0]
+                self.metrics.serve(cfg.metrics_addr, port)
             except MetricsError as exc:
                 raise ExperimentError(f"{exc}; choose another --metrics-port or 0 to turn metrics off") from None
-            self.metrics_targets = [f"{self._metrics_host()}:{cfg.metrics_port}"]
+            if port != cfg.metrics_port:
+                self.log(f"metrics port {cfg.metrics_port} is taken; the operator serves on {port}")
+            self.metrics_port = port
+            self.metrics_targets = [f"{self._metrics_host()}:{port}"]
 
     def _metrics_host(self) -> str:
         return "127.0.0.1" if self.cfg.metrics_addr in ("0.0.0.0", "") else self.cfg.metrics_addr
@@ -278,7 +284,7 @@ class Experiment:
         from edge_agent.metrics import MetricsError, free_ports
 
         try:
-            ports = free_ports(self.cfg.metrics_port + 1, len(devices), self.cfg.metrics_addr)
+            ports = free_ports(self.metrics_port + 1, len(devices), self.cfg.metrics_addr)
         except MetricsError as exc:
             raise ExperimentError(str(exc)) from None
         out = dict(zip(devices, ports))

@@ -4,7 +4,7 @@
 # - system packages (when apt-get exists and we are root or have non-interactive sudo):
 #   mosquitto (real broker; tests start their own instance, the service is not started here),
 #   dataset-fashion-mnist (offline Fashion-MNIST), python3-venv,
-#   prometheus (the dashboard test scrapes a live run), podman + debootstrap (container image test)
+#   prometheus (the dashboard test scrapes a live run), podman + runc + debootstrap (container image test)
 # - .venv with this project installed editable with all extras: pip install -e ".[dev]"
 # Re-running is fast: each step is skipped when already done.
 # Environment: PYTHON=/path/to/python3.x to choose the interpreter; SKIP_APT=1 to skip apt.
@@ -16,7 +16,7 @@ say()  { printf '%s==>%s %s\n' "$B" "$N" "$*"; }
 warn() { printf '%swarning:%s %s\n' "$Y" "$N" "$*" >&2; }
 die()  { printf '%serror:%s %s\n' "$R" "$N" "$*" >&2; exit 1; }
 
-APT_PACKAGES=(mosquitto dataset-fashion-mnist python3-venv prometheus podman debootstrap)
+APT_PACKAGES=(mosquitto dataset-fashion-mnist python3-venv prometheus podman runc debootstrap)
 
 # ---------------------------------------------------------------------------------- system
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
