@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
-from .protocol.messages import DROP_REASONS, PREFIX, RUN_KINDS
+from .protocol.messages import DROP_REASONS, RUN_KINDS, Drop, parse_topic
 
 disable_created_metrics()  # no *_created series: they double every counter for no use here
 
@@ -62,13 +62,10 @@ class MetricsError(Exception):
 
 def topic_kind(topic: str) -> str:
     """The message kind of a topic, for a bounded ``kind`` label."""
-    parts = topic.split("/")
-    if len(parts) >= 5 and "/".join(parts[:2]) == PREFIX and parts[2] == "devices":
-        kind = parts[4]
-    elif len(parts) >= 4 and "/".join(parts[:2]) == PREFIX:
-        kind = parts[3]
-    else:
-        kind = "other"
+    try:
+        kind = parse_topic(topic).kind
+    except Drop:
+        return "other"
     return kind if kind in KINDS else "other"
 
 

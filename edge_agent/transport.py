@@ -60,7 +60,6 @@ class Mqtt:
         self.inbox: queue.Queue = queue.Queue()
         self.subscriptions: list[str] = []
         self.connected = threading.Event()
-        self.bytes_in = self.bytes_out = self.msgs_in = self.msgs_out = 0
         self.observer = observer
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -115,8 +114,6 @@ class Mqtt:
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, wait: float | None = None) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
-        self.msgs_out += 1
-        self.bytes_out += len(payload)
         if self.observer is not None:
             self.observer.sent(topic, len(payload))
         if wait:
@@ -142,8 +139,6 @@ class Mqtt:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg):
-        self.msgs_in += 1
-        self.bytes_in += len(msg.payload)
         if self.observer is not None:
             self.observer.received(msg.topic, len(msg.payload))
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload)))
