@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from .arch import layout_mismatch
 from .blobs import fedavg
 
 __all__ = [
@@ -53,14 +54,9 @@ def _check(updates: Updates, rule: str) -> list[str]:
     for i, (params, n) in enumerate(updates):
         if isinstance(n, bool) or int(n) != n or int(n) <= 0:
             raise ValueError(f"{rule}: update {i} has sample count {n!r}; expected a positive integer")
-        if sorted(params) != names:
-            raise ValueError(f"{rule}: update {i} has parameters {sorted(params)}, expected {names}")
-        for k in names:
-            if np.shape(params[k]) != np.shape(first[k]):
-                raise ValueError(
-                    f"{rule}: update {i} param {k} has shape {np.shape(params[k])}, "
-                    f"expected {np.shape(first[k])}"
-                )
+        mismatch = layout_mismatch(params, first)
+        if mismatch:
+            raise ValueError(f"{rule}: update {i} {mismatch}")
     return names
 
 

@@ -77,6 +77,18 @@ def init_params(arch: str, seed: int) -> dict[str, np.ndarray]:
     return params
 
 
+def layout_mismatch(params: dict, ref: dict) -> str | None:
+    """How ``params`` differs from ``ref`` in parameter names or shapes (None: same layout),
+    phrased to follow a subject: "has parameters [...], expected [...]" or
+    "param NAME has shape (...), expected (...)"."""
+    if sorted(params) != sorted(ref):
+        return f"has parameters {sorted(params)}, expected {sorted(ref)}"
+    for k in sorted(ref):
+        if np.shape(params[k]) != np.shape(ref[k]):
+            return f"param {k} has shape {np.shape(params[k])}, expected {np.shape(ref[k])}"
+    return None
+
+
 def check_params(arch: str, params: dict[str, np.ndarray], finite: bool = True) -> None:
     """Raise ValueError (one line) unless ``params`` is a valid float32 ``arch`` model
     (with ``finite``, also free of NaN and infinities)."""

@@ -38,6 +38,8 @@ from typing import Callable
 
 import numpy as np
 
+from .arch import layout_mismatch
+
 __all__ = [
     "ATTACKS",
     "ATTACK_NAMES",
@@ -76,14 +78,9 @@ def gaussian_noise(params: Params, variance: float = 1.0, *, seed: int, base: Pa
 def _check_base(attack: str, params: Params, base: Params | None) -> Params:
     if base is None:
         raise ValueError(f"attack {attack!r} needs base= (the global model the worker started from)")
-    if sorted(base) != sorted(params):
-        raise ValueError(f"attack {attack!r}: base has parameters {sorted(base)}, expected {sorted(params)}")
-    for k in params:
-        if np.shape(base[k]) != np.shape(params[k]):
-            raise ValueError(
-                f"attack {attack!r}: base param {k} has shape {np.shape(base[k])}, "
-                f"expected {np.shape(params[k])}"
-            )
+    mismatch = layout_mismatch(base, params)
+    if mismatch:
+        raise ValueError(f"attack {attack!r}: base {mismatch}")
     return base
 
 
