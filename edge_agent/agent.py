@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .metrics import stop_serving
 from .ml.blobs import BlobStore
 from .protocol import node as nd
 from .protocol.crypto import KeyPair
@@ -148,7 +149,7 @@ class Agent:
                 if self.exit_after_run and self.metrics_linger > 0:
                     self.metrics.update(self.node)
                     time.sleep(self.metrics_linger)  # let Prometheus scrape the final state
-                self.metrics_server[0].shutdown()
+                stop_serving(self.metrics_server)
 
     def stop(self) -> None:
         """Leave cleanly (SIGTERM): announce 'offline' and disconnect; the chain is on disk."""

@@ -77,6 +77,13 @@ def serve(registry: CollectorRegistry, addr: str, port: int):
         raise MetricsError(f"cannot serve metrics on {addr}:{port} ({exc.strerror or exc})") from None
 
 
+def stop_serving(server) -> None:
+    """Stop a server returned by ``serve`` and release its port."""
+    httpd, _thread = server
+    httpd.shutdown()
+    httpd.server_close()
+
+
 def free_ports(start: int, count: int, host: str = "127.0.0.1", limit: int = 2000) -> list[int]:
     """``count`` TCP ports free on ``host``, the first ones from ``start`` on."""
     out: list[int] = []

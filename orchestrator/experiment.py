@@ -73,6 +73,10 @@ class RunConfig:
     metrics_addr: str = "127.0.0.1"
     metrics_targets: Path | None = None
 
+    def attack_of(self, device: str) -> str:
+        """The attack a malicious ``device`` mounts (--malicious-ids d03=label_flip, else --attack)."""
+        return self.attacks.get(device, self.attack)
+
     def device_ids(self) -> list[str]:
         width = max(2, len(str(self.devices - 1)))
         return [f"d{i:0{width}d}" for i in range(self.devices)]
@@ -388,7 +392,7 @@ class Experiment:
         (self.out / "genesis.json").write_bytes(env.payload())
         # Fault injection: each malicious device is told privately, on its own command topic.
         for dev in self.malicious:
-            attack = {"name": cfg.attacks.get(dev, cfg.attack)}
+            attack = {"name": cfg.attack_of(dev)}
             if attack["name"] == "gaussian":
                 attack["variance_milli"] = 1000  # N(0, 1), paper Section 5.1
             cmd = sign(self.operator, {"run": self.run_id, "kind": "cmd", "round": 0, "sender": "operator", "target": dev, "attack": attack})
@@ -400,8 +404,7 @@ class Experiment:
                 raise ExperimentError(f"devices {sorted(set(self.malicious) - self.observer.acks)} did not acknowledge their command")
         self.mqtt.publish(topic(self.run_id, "genesis"), env.payload(), retain=True, wait=10)
         if self.metrics is not None:
-            attacks = {d: cfg.attacks.get(d, cfg.attack) for d in self.malicious}
-            self.metrics.started(self.run_id, cfg, sorted(devices), attacks)
+            self.metrics.started(self.run_id, cfg, sorted(devices), {d: cfg.attack_of(d) for d in self.malicious})
 
     # -- the run --
 
@@ -454,7 +457,7 @@ class Experiment:
             "roles": list(self.cfg.roles),
             "malicious": self.malicious,
             "attack": self.cfg.attack,
-            "attacks": {d: self.cfg.attacks.get(d, self.cfg.attack) for d in self.malicious},
+            "attacks": {d: self.cfg.attack_of(d) for d in self.malicious},
             "config": {
                 "dataset": self.cfg.dataset,
                 "model": self.cfg.model,

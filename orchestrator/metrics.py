@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from edge_agent.metrics import serve
+from edge_agent.metrics import serve, stop_serving
 
 #: Every metric family the orchestrator exports.
 EXPERIMENT_METRICS = (
@@ -96,8 +96,7 @@ class ExperimentMetrics:
 
     def close(self) -> None:
         if self.server is not None:
-            self.server[0].shutdown()
-            self.server[0].server_close()
+            stop_serving(self.server)
             self.server = None
 
 

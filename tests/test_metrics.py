@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import urllib.request
 
-from edge_agent.metrics import AgentMetrics, free_ports, serve, topic_kind, MetricsError
+from edge_agent.metrics import AgentMetrics, MetricsError, free_ports, serve, stop_serving, topic_kind
 from edge_agent.protocol import node as nd
 from edge_agent.protocol.messages import DROP_REASONS, from_json
 
@@ -136,8 +136,7 @@ def test_server_serves_the_registry_and_a_taken_port_is_a_clear_error():
         with pytest.raises(MetricsError, match=f"127.0.0.1:{port}"):
             serve(m.registry, "127.0.0.1", port)
     finally:
-        server[0].shutdown()
-        server[0].server_close()
+        stop_serving(server)
 
 
 def test_cli_reports_a_taken_metrics_port_in_one_line(tmp_path):
