@@ -12,6 +12,7 @@ dashboards may use (tests/test_dashboards.py checks every panel against it).
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import time
@@ -93,8 +94,9 @@ def free_ports(start: int, count: int, host: str = "127.0.0.1", limit: int = 200
             try:
                 s.bind((host, port))
                 out.append(port)
-            except OSError:
-                pass
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:  # a bad address, not a busy port: say so at once
+                    raise MetricsError(f"cannot bind metrics to {host}:{port} ({exc.strerror or exc})") from None
         port += 1
     if len(out) < count:
         raise MetricsError(f"no {count} free ports from {start} on")

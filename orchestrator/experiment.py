@@ -323,7 +323,10 @@ class Experiment:
             if cfg.metrics_targets and self.metrics_targets:
                 from .metrics import write_targets
 
-                self.targets_file = write_targets(cfg.metrics_targets, self.run_id, self.metrics_targets)
+                try:
+                    self.targets_file = write_targets(cfg.metrics_targets, self.run_id, self.metrics_targets)
+                except OSError as exc:
+                    raise ExperimentError(f"--metrics-targets {cfg.metrics_targets}: cannot write there ({exc.strerror})") from None
             self.agents.start(cfg, self.broker_url, self.operator.public_hex, keys, self.run_id, ports)
             self.log(f"started {len(keys)} local agents (logs in {self.out / 'agents'})")
         end = time.monotonic() + cfg.join_timeout

@@ -161,3 +161,21 @@ def test_cli_reports_a_taken_metrics_port_in_one_line(tmp_path):
         [sys.executable, "-m", "orchestrator.cli", "run", "--metrics-port", "70000"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_bad_metrics_address_and_targets_folder_are_one_line_errors(tmp_path):
+    with pytest.raises(MetricsError, match="cannot bind metrics to 256.1.1.1:9400"):
+        free_ports(9400, 1, "256.1.1.1")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    common = [
+        sys.executable, "-m", "orchestrator.cli", "run", "--devices", "4", "--roles", "2,1,1", "--rounds", "1",
+        "--model", "mlp", "--dataset", "fashion-mnist", "--out", str(tmp_path / "run"), "--join-timeout", "5",
+    ]  # fmt: skip
+    for extra, message in (
+        (["--metrics-addr", "256.1.1.1"], "error: cannot bind metrics to 256.1.1.1:"),
+        (["--metrics-port", str(free_ports(19600, 1)[0]), "--metrics-targets", str(blocker / "sub")], "error: --metrics-targets"),
+    ):
+        out = subprocess.run(common + extra, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith(message), out.stderr
