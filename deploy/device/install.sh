@@ -3,7 +3,7 @@
 # JetPack; aarch64, armv7 without torch, or x86_64). Run it from a checkout of this repository:
 #
 #   sudo deploy/device/install.sh                    # worker + validator + miner (pulls CPU torch)
-#   sudo deploy/device/install.sh --validator-only   # ONNX Runtime only: no torch (~60 MB RSS)
+#   sudo deploy/device/install.sh --validator-only   # ONNX Runtime only: no torch
 #   sudoedit /etc/bfl/bfl-agent.env                  # device id, broker, operator key
 #   sudo systemctl enable --now bfl-agent && journalctl -u bfl-agent -f
 #
