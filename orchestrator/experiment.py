@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,6 +165,32 @@ class LocalAgents:
 
     def dead(self) -> list[str]:
         return [d for d, p in self.procs.items() if p.poll() is not None and p.returncode != 0]
+
+    def consolidate_blobs(self) -> tuple[int, int]:
+        """Move the stopped agents' blob stores into one store, ``OUT/blobs``.
+
+        Every agent keeps every update and global model it received, so N local agents hold
+        N copies of the same files (20 devices, 8 MLP rounds: 2.6 GB, of which 130 MB are
+        distinct). Blobs are content-addressed, so one copy of each hash loses nothing: the
+        chain stays auditable from ``OUT/blobs``. A file whose bytes do not match its name
+        (a torn write) is not carried over. Returns (distinct blobs kept, files removed).
+        """
+        dest = bl.BlobStore(self.out / "blobs")
+        kept = removed = 0
+        for dev in self.procs:
+            src = self.out / "agents" / dev / "blobs"
+            if not src.is_dir():
+                continue
+            for f in sorted(src.glob("*/*.safetensors")):
+                h = f.stem
+                if not dest.has(h):
+                    data = f.read_bytes()
+                    if bl.blob_hash(data) == h:
+                        dest.put(data)
+                        kept += 1
+                removed += 1
+            shutil.rmtree(src)
+        return kept, removed
 
     def stop(self, grace: float = 20.0) -> None:
         end = time.monotonic() + grace
@@ -538,6 +565,9 @@ class Experiment:
             self.mqtt.publish(topic(self.run_id, "genesis"), b"", retain=True, wait=5)
         if self.agents is not None:
             self.agents.stop()
+            kept, removed = self.agents.consolidate_blobs()
+            if removed:
+                self.log(f"blobs: {kept} distinct of {removed} agent copies kept in {self.out / 'blobs'}")
         if self.mqtt is not None:
             if self.agents is not None:
                 for dev in self.agents.procs:

@@ -16,6 +16,7 @@ say()  { printf '%s==>%s %s\n' "$B" "$N" "$*"; }
 warn() { printf '%swarning:%s %s\n' "$Y" "$N" "$*" >&2; }
 die()  { printf '%serror:%s %s\n' "$R" "$N" "$*" >&2; exit 1; }
 
+NEED_INSTALL_MB="${NEED_INSTALL_MB:-7000}"
 APT_PACKAGES=(mosquitto dataset-fashion-mnist python3-venv prometheus podman runc debootstrap)
 
 # ---------------------------------------------------------------------------------- system
@@ -90,9 +91,21 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \
    && .venv/bin/python -c 'import broker, edge_agent, orchestrator, paho.mqtt, amqtt, pytest' 2>/dev/null; then
     say "project already installed in .venv (pyproject.toml unchanged)"
 else
+    # torch with its CUDA libraries (PyPI's default build) takes about 5.6 GB in the venv;
+    # a full disk mid-install leaves a broken venv and an obscure error
+    free_mb="$(df -Pm . | awk 'NR == 2 {print $4}')"
+    if [[ -n "$free_mb" ]] && ((free_mb < NEED_INSTALL_MB)); then
+        die "only ${free_mb} MB free here; installing torch and the other dependencies needs about ${NEED_INSTALL_MB} MB (set NEED_INSTALL_MB to override)"
+    fi
     say 'pip install -e ".[dev]"'
     .venv/bin/python -m pip install -e ".[dev]"
     echo "$want" > "$STAMP"
+fi
+
+# the suite writes about 1.5 GB (runs, chains, model blobs), the container test about 4 GB
+free_mb="$(df -Pm . | awk 'NR == 2 {print $4}')"
+if [[ -n "$free_mb" ]] && ((free_mb < 6000)); then
+    warn "only ${free_mb} MB free: the test suite needs about 1.5 GB and 'scripts/test.sh -m slow' about 4 GB more"
 fi
 
 cat <<'EOF'

@@ -66,8 +66,15 @@ def check_run(out: Path, proc: subprocess.CompletedProcess) -> dict:
         assert set(r["accepted"]) <= set(honest)
     assert malicious_worker_rounds >= 1, "the test run never had a malicious worker; change the seed"
 
-    # ... and not averaged: G_j is the FedAvg of exactly the accepted updates' blobs
-    store = bl.BlobStore(out / "agents" / honest[0] / "blobs")
+    # ... and not averaged: G_j is the FedAvg of exactly the accepted updates' blobs.
+    # bfl run moved the agents' stores into one (one file per hash): everything the chain
+    # names is there, and no agent keeps a copy
+    store = bl.BlobStore(out / "blobs")
+    assert not list(out.glob("agents/*/blobs"))
+    named = {genesis.init_model} | {b.body["global_model"] for b in chain}
+    named |= {w["body"]["model"] for b in chain for w in b.body["wtxs"]}
+    assert all(store.has(h) for h in named)
+    assert len(list((out / "blobs").glob("*/*.safetensors"))) < 2 * len(named)
     for blk in chain:
         inputs = ledger.aggregation_inputs(blk.body)
         accepted_models = {w["body"]["model"] for w in blk.body["wtxs"] if w["body"]["sender"] in blk.body["accepted"]}

@@ -37,7 +37,7 @@ def test_vanilla_with_multi_krum_averages_everything_robustly(tmp_path):
         tmp_path, "--protocol", "vanilla", "--roles", "3,2,1", "--malicious", "1", "--aggregator", "multi_krum"
     )
     assert summary["protocol"] == "vanilla"
-    store = bl.BlobStore(out / "agents" / honest[0] / "blobs")
+    store = bl.BlobStore(out / "blobs")  # the agents' stores, consolidated by bfl run
     for blk in chain:
         assert blk.body["accepted"] == genesis.device_ids and blk.body["vtxs"] == []  # no validation
         updates = [(store.get_params(h, "mlp"), n) for h, n in ledger.aggregation_inputs(blk.body)]
@@ -76,7 +76,7 @@ def test_scaling_attack_multiplies_the_update(tmp_path):
 
     out, summary, genesis, chain, honest = run_tiny(tmp_path, "--roles", "4,1,1", "--malicious", "2", "--attack", "scale")
     mal = set(summary["malicious"])
-    store = bl.BlobStore(out / "agents" / honest[0] / "blobs")
+    store = bl.BlobStore(out / "blobs")  # the agents' stores, consolidated by bfl run
     base_hash = genesis.init_model
     seen = 0
     for blk in chain:
