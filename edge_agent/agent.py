@@ -29,7 +29,7 @@ from .protocol.messages import (
     topic,
 )
 from .runtime import Runtime
-from .store import ChainStore
+from .store import BlobRetention, ChainStore
 from .transport import Incoming, Mqtt
 
 log = logging.getLogger("bfl.agent")
@@ -66,6 +66,7 @@ class Agent:
         capabilities: list[str] | None = None,
         metrics: tuple[str, int] | None = None,
         metrics_linger: float = 0.0,
+        keep_rounds: int = 0,
     ):
         self.me = device_id
         self.key = key
@@ -82,6 +83,8 @@ class Agent:
         self.metrics = None
         self.metrics_server = None
         self.metrics_linger = metrics_linger
+        self.keep_rounds = keep_rounds
+        self.retention: BlobRetention | None = None
         if metrics is not None:
             from .metrics import AgentMetrics, serve
 
@@ -235,6 +238,8 @@ class Agent:
             log.error("%s: local chain unusable (%s); starting from genesis", self.me, exc)
             self.store.rewrite([])
             self.node = nd.Node(self.me, self.key, genesis, [], have_blob=self.blobs.has)
+            blocks = []
+        self.retention = BlobRetention(self.keep_rounds, genesis.init_model, [b.body for b in blocks])
         if self.metrics is not None:
             self.metrics.joined(run)
         cmd = self.pending_cmds.pop(genesis.run, None)
@@ -283,6 +288,9 @@ class Agent:
                 fut.add_done_callback(lambda f: self.events.put(self._with_timings(f.result())))
             elif isinstance(a, nd.CommitBlock):
                 self.store.append(a.block)
+                pruned = [h for h in sorted(self.retention.committed(a.block.body)) if self.blobs.delete(h)]
+                if pruned:
+                    log.debug("%s: deleted %d blob(s) older than %d rounds", self.me, len(pruned), self.keep_rounds)
                 if self.metrics is not None:
                     self.metrics.committed(a.block, a.state)
                 log.info(

@@ -73,6 +73,13 @@ def run(
     metrics_linger: float = typer.Option(
         0.0, envvar="BFL_METRICS_LINGER", help="With --exit-after-run: keep serving metrics this many seconds after the run."
     ),
+    keep_rounds: int = typer.Option(
+        0,
+        envvar="BFL_KEEP_ROUNDS",
+        min=0,
+        help="Delete model blobs named only by blocks more than N rounds old (0: keep all). "
+        "A peer that falls further behind then needs another device to fetch them from.",
+    ),
     log_level: str = typer.Option("INFO", envvar="BFL_LOG_LEVEL"),
 ):
     """Connect to the broker, announce this device, and take part in runs it is admitted to."""
@@ -122,6 +129,7 @@ def run(
             capabilities=capabilities,
             metrics=(metrics_addr, metrics_port) if metrics_port else None,
             metrics_linger=metrics_linger,
+            keep_rounds=keep_rounds,
         )
         logging.getLogger("bfl.agent").info("%s: key fingerprint %s", device_id, fingerprint(key.public_hex))
         # SIGTERM (systemd, podman stop, Kubernetes; PID 1 in a container ignores it otherwise)

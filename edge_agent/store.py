@@ -71,3 +71,37 @@ class ChainStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.chain_path)
+
+
+def block_blobs(body: dict) -> set[str]:
+    """The blob hashes a block names: every worker tx's model (accepted or not) and G_j."""
+    return {raw["body"]["model"] for raw in body["wtxs"]} | {body["global_model"]}
+
+
+class BlobRetention:
+    """Which model blobs a device may delete as its chain grows (``bfl-agent run --keep-rounds K``).
+
+    Every device stores each update and global model it receives: with the paper's CNN
+    (6.6 MB a blob) and 12 workers, about 86 MB a round, which fills a Raspberry Pi's SD card
+    in a long run. With ``keep`` = K > 0, once block h is appended the blobs named by block
+    h-K and by no block in h-K+1..h are deleted; with K = 0 nothing is. Only blobs a block
+    names are ever deleted, so an update that is still in flight for the next round, or
+    blobs of blocks being caught up on, are safe. The price: a peer that falls more than K
+    rounds behind cannot fetch the older blobs from this device (it needs another that keeps
+    them, e.g. the operator's consolidated store).
+    """
+
+    def __init__(self, keep: int, init_model: str, blocks: list[dict]):
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        self.keep = keep
+        # refs[h]: the blobs block h names; the genesis (height 0) names G_0
+        self.refs: list[set[str]] = [{init_model}] + [block_blobs(b) for b in blocks]
+
+    def committed(self, body: dict) -> set[str]:
+        """Record the block just appended; return the hashes that may now be deleted."""
+        self.refs.append(block_blobs(body))
+        leaving = len(self.refs) - 1 - self.keep
+        if self.keep == 0 or leaving < 0:
+            return set()
+        return self.refs[leaving] - set().union(*self.refs[leaving + 1 :])

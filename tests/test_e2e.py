@@ -20,7 +20,7 @@ from edge_agent.protocol.canonical import parse
 from edge_agent.store import ChainStore
 
 SMALL = [
-    "--devices", "8", "--roles", "4,2,2", "--malicious", "2", "--rounds", "3",
+    "--devices", "8", "--roles", "4,2,2", "--malicious", "2", "--rounds", "4",
     "--model", "mlp", "--dataset", "fashion-mnist", "--samples-per-device", "300",
     "--deadlines", "120,60,60", "--quiet",
 ]  # fmt: skip
@@ -47,7 +47,7 @@ def check_run(out: Path, proc: subprocess.CompletedProcess) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     malicious = set(summary["malicious"])
     honest = sorted(set(summary["heads"]) - malicious)
-    assert len(malicious) == 2 and len(summary["rounds"]) == 3
+    assert len(malicious) == 2 and len(summary["rounds"]) == 4
 
     # every honest agent ends with the same head, and it is on disk in its chain
     heads = {summary["heads"][d] for d in honest}
@@ -64,7 +64,8 @@ def check_run(out: Path, proc: subprocess.CompletedProcess) -> dict:
         malicious_worker_rounds += len(bad)
         assert bad <= set(r["rejected"]) and not bad & set(r["accepted"]), r
         assert set(r["accepted"]) <= set(honest)
-    assert malicious_worker_rounds >= 1, "the test run never had a malicious worker; change the seed"
+    # roles follow block hashes, not --seed: P(no malicious worker in 4 rounds) = (15/70)^4 = 0.2 %
+    assert malicious_worker_rounds >= 1, "the test run never had a malicious worker"
 
     # ... and not averaged: G_j is the FedAvg of exactly the accepted updates' blobs.
     # bfl run moved the agents' stores into one (one file per hash): everything the chain

@@ -21,9 +21,11 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_tiny(tmp_path, *args):
+# Roles follow block hashes (not --seed). Tests that need a malicious worker run 3 rounds of
+# 4 workers among 6 devices with 2 malicious: P(no malicious worker at all) = (1/15)^3.
+def run_tiny(tmp_path, *args, env: dict | None = None):
     out = tmp_path / "out"
-    proc = bfl("run", *TINY, "--out", str(out), *args)
+    proc = bfl("run", *TINY, "--out", str(out), *args, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     honest = sorted(set(summary["heads"]) - set(summary["malicious"]))
@@ -57,7 +59,7 @@ def test_pfedme_runs_and_reports_personalized_accuracy(tmp_path):
 @pytest.mark.parametrize("attack", ["sign_flip", "label_flip"])
 def test_poisoning_attacks_are_voted_out(attack, tmp_path):
     out, summary, genesis, chain, honest = run_tiny(
-        tmp_path, "--roles", "4,1,1", "--malicious", "2", "--attack", attack
+        tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious", "2", "--attack", attack
     )
     mal = set(summary["malicious"])
     seen = 0
@@ -74,7 +76,7 @@ def test_scaling_attack_multiplies_the_update(tmp_path):
     checks the attack's effect, not its rejection."""
     import numpy as np
 
-    out, summary, genesis, chain, honest = run_tiny(tmp_path, "--roles", "4,1,1", "--malicious", "2", "--attack", "scale")
+    out, summary, genesis, chain, honest = run_tiny(tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious", "2", "--attack", "scale")
     mal = set(summary["malicious"])
     store = bl.BlobStore(out / "blobs")  # the agents' stores, consolidated by bfl run
     base_hash = genesis.init_model
@@ -98,7 +100,7 @@ def test_per_device_attacks_lazy_and_sign_flip(tmp_path):
     """Two malicious devices with different attacks: d00 is lazy (resubmits G_{j-1} without
     training), d01 flips the sign of its update."""
     out, summary, genesis, chain, honest = run_tiny(
-        tmp_path, "--roles", "4,1,1", "--malicious-ids", "d00=lazy,d01=sign_flip"
+        tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious-ids", "d00=lazy,d01=sign_flip"
     )
     assert summary["attacks"] == {"d00": "lazy", "d01": "sign_flip"}
     assert "'name': 'lazy'" in (out / "agents" / "d00" / "agent.log").read_text()
@@ -115,6 +117,23 @@ def test_per_device_attacks_lazy_and_sign_flip(tmp_path):
                 assert "d01" in blk.body["rejected"]
         prev_global = blk.body["global_model"]
     assert seen >= 1
+
+
+def test_agents_keeping_one_round_of_blobs_still_agree(tmp_path):
+    """BFL_KEEP_ROUNDS=1 (bfl-agent --keep-rounds 1): every agent deletes, after each block,
+    the blobs that only older blocks name. The run still agrees on every block (d00 is lazy:
+    when it trains, its update is G_{j-1}, named by two blocks); what the agents kept and
+    bfl run consolidated is exactly what the last block names, plus blobs no block names."""
+    out, summary, genesis, chain, honest = run_tiny(
+        tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious-ids", "d00=lazy", env={"BFL_KEEP_ROUNDS": "1"}
+    )
+    assert len(chain) == 3 and all(summary["heads"][d] == chain[-1].id for d in honest)
+    named = [{genesis.init_model}] + [
+        {w["body"]["model"] for w in b.body["wtxs"]} | {b.body["global_model"]} for b in chain
+    ]
+    kept = {p.stem for p in (out / "blobs").glob("*/*.safetensors")}
+    assert named[-1] <= kept
+    assert not (set().union(*named[:-1]) - named[-1]) & kept
 
 
 def test_malicious_validator_inverts_its_votes(tmp_path):

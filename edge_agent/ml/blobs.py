@@ -137,6 +137,14 @@ class BlobStore:
             return None
         return data
 
+    def delete(self, h: str) -> bool:
+        """Remove the blob with hash ``h``; False if it was not there."""
+        try:
+            self.path(h).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def put_params(self, params: dict[str, np.ndarray]) -> str:
         return self.put(encode(params))
 
