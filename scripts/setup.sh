@@ -102,10 +102,10 @@ else
     echo "$want" > "$STAMP"
 fi
 
-# the suite writes about 1.5 GB (runs, chains, model blobs), the container test about 4 GB
+# the suite writes about 1.1 GB (runs, chains, model blobs), the container test about 3 GB
 free_mb="$(df -Pm . | awk 'NR == 2 {print $4}')"
 if [[ -n "$free_mb" ]] && ((free_mb < 6000)); then
-    warn "only ${free_mb} MB free: the test suite needs about 1.5 GB and 'scripts/test.sh -m slow' about 4 GB more"
+    warn "only ${free_mb} MB free: the test suite needs about 1.1 GB and 'scripts/test.sh -m slow' about 3 GB more"
 fi
 
 cat <<'EOF'
