@@ -288,7 +288,7 @@ class Agent:
                 fut.add_done_callback(lambda f: self.events.put(self._with_timings(f.result())))
             elif isinstance(a, nd.CommitBlock):
                 self.store.append(a.block)
-                pruned = [h for h in sorted(self.retention.committed(a.block.body)) if self.blobs.delete(h)]
+                pruned = [h for h in self.retention.committed(a.block.body) if self.blobs.delete(h)]
                 if pruned:
                     log.debug("%s: deleted %d blob(s) older than %d rounds", self.me, len(pruned), self.keep_rounds)
                 if self.metrics is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from pathlib import Path
 
 from .protocol.canonical import CanonicalError, parse
@@ -95,13 +96,15 @@ class BlobRetention:
         if keep < 0:
             raise ValueError("keep must be >= 0")
         self.keep = keep
-        # refs[h]: the blobs block h names; the genesis (height 0) names G_0
-        self.refs: list[set[str]] = [{init_model}] + [block_blobs(b) for b in blocks]
+        # the blobs each of the last K+1 blocks names, oldest first; the genesis names G_0
+        self.window: deque[set[str]] = deque(
+            ([{init_model}] + [block_blobs(b) for b in blocks])[-(keep + 1) :], maxlen=keep + 1
+        )
 
     def committed(self, body: dict) -> set[str]:
         """Record the block just appended; return the hashes that may now be deleted."""
-        self.refs.append(block_blobs(body))
-        leaving = len(self.refs) - 1 - self.keep
-        if self.keep == 0 or leaving < 0:
+        self.window.append(block_blobs(body))
+        if self.keep == 0 or len(self.window) <= self.keep:
             return set()
-        return self.refs[leaving] - set().union(*self.refs[leaving + 1 :])
+        leaving, *kept = self.window
+        return leaving - set().union(*kept)

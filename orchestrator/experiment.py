@@ -170,8 +170,8 @@ class LocalAgents:
         """Move the stopped agents' blob stores into one store, ``OUT/blobs``.
 
         Every agent keeps every update and global model it received, so N local agents hold
-        N copies of the same files (20 devices, 8 MLP rounds: 2.6 GB, of which 130 MB are
-        distinct). Blobs are content-addressed, so one copy of each hash loses nothing: the
+        N copies of the same files (the README's 20-device, 3-round MLP run: 800 files, of
+        which 40 are distinct). Blobs are content-addressed, so one copy of each hash loses nothing: the
         chain stays auditable from ``OUT/blobs``. A file whose bytes do not match its name
         (a torn write) is not carried over. Returns (distinct blobs kept, files removed).
         """

@@ -15,6 +15,7 @@ if [[ -t 2 ]]; then B=$'\033[1m' Y=$'\033[33m' R=$'\033[31m' N=$'\033[0m'; else 
 say()  { printf '%s==>%s %s\n' "$B" "$N" "$*"; }
 warn() { printf '%swarning:%s %s\n' "$Y" "$N" "$*" >&2; }
 die()  { printf '%serror:%s %s\n' "$R" "$N" "$*" >&2; exit 1; }
+free_mb() { df -Pm . | awk 'NR == 2 {print $4}'; }
 
 NEED_INSTALL_MB="${NEED_INSTALL_MB:-7000}"
 APT_PACKAGES=(mosquitto dataset-fashion-mnist python3-venv prometheus podman runc debootstrap)
@@ -93,9 +94,9 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] \
 else
     # torch with its CUDA libraries (PyPI's default build) takes about 5.6 GB in the venv;
     # a full disk mid-install leaves a broken venv and an obscure error
-    free_mb="$(df -Pm . | awk 'NR == 2 {print $4}')"
-    if [[ -n "$free_mb" ]] && ((free_mb < NEED_INSTALL_MB)); then
-        die "only ${free_mb} MB free here; installing torch and the other dependencies needs about ${NEED_INSTALL_MB} MB (set NEED_INSTALL_MB to override)"
+    free="$(free_mb)"
+    if [[ -n "$free" ]] && ((free < NEED_INSTALL_MB)); then
+        die "only ${free} MB free here; installing torch and the other dependencies needs about ${NEED_INSTALL_MB} MB (set NEED_INSTALL_MB to override)"
     fi
     say 'pip install -e ".[dev]"'
     .venv/bin/python -m pip install -e ".[dev]"
@@ -103,9 +104,9 @@ else
 fi
 
 # the suite writes about 1.1 GB (runs, chains, model blobs), the container test about 3 GB
-free_mb="$(df -Pm . | awk 'NR == 2 {print $4}')"
-if [[ -n "$free_mb" ]] && ((free_mb < 6000)); then
-    warn "only ${free_mb} MB free: the test suite needs about 1.1 GB and 'scripts/test.sh -m slow' about 3 GB more"
+free="$(free_mb)"
+if [[ -n "$free" ]] && ((free < 6000)); then
+    warn "only ${free} MB free: the test suite needs about 1.1 GB and 'scripts/test.sh -m slow' about 3 GB more"
 fi
 
 cat <<'EOF'
