@@ -56,18 +56,62 @@ def test_pfedme_runs_and_reports_personalized_accuracy(tmp_path):
     assert summary["rounds"][-1]["accuracy"] > 20  # personalized models learn on IID data
 
 
-@pytest.mark.parametrize("attack", ["sign_flip", "label_flip"])
-def test_poisoning_attacks_are_voted_out(attack, tmp_path):
+def assert_votes_follow_algorithm_1(genesis, chain):
+    """Every vote on the chain is what Algorithm 1 (median reference) plus the loss guard
+    gives for the accuracies and losses the validator recorded with it."""
+    hp = genesis.hp
+    for blk in chain:
+        for vtx in blk.body["vtxs"]:
+            votes = vtx["body"]["votes"]
+            if not votes:
+                continue
+            ref = voting.median_bp([v["local_bp"] for v in votes])
+            med_loss = voting.lower_median([v["loss_milli"] for v in votes])
+            for v in votes:
+                assert v["ref_bp"] == ref
+                expect = voting.vote(ref, v["local_bp"], hp["vh_bp"]) and voting.loss_guard_ok(
+                    v["loss_milli"], med_loss, hp["loss_guard"]
+                )
+                assert v["positive"] == expect, (blk.body["height"], v)
+
+
+def test_label_flipping_is_voted_out(tmp_path):
+    """Measured over 8 rounds (IID, MLP): a label-flipped update scores 3-26 % where the
+    round's reference scores 35-57 %, so it loses far more than vh in every round."""
     out, summary, genesis, chain, honest = run_tiny(
-        tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious", "2", "--attack", attack
+        tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious", "2", "--attack", "label_flip"
     )
     mal = set(summary["malicious"])
     seen = 0
     for r in summary["rounds"]:
         bad = mal & set(r["workers"])
         seen += len(bad)
-        assert bad <= set(r["rejected"]), (attack, r)
+        assert bad <= set(r["rejected"]), r
     assert seen >= 1
+    assert_votes_follow_algorithm_1(genesis, chain)
+
+
+# Rounds in which G_{j-1} is still far from trained: there a negated update is far worse than
+# an honest one. Measured (IID, MLP, 200 samples, 2 epochs): rounds 1-2, sign-flipped 0.2-15 %
+# against a reference of 30-47 %. From round 3 on, one round's gain nears vh and a flipped
+# update can pass the vote (it did in 2 of 6 runs); docs/results.md has the numbers.
+EARLY_ROUNDS = 2
+
+
+def test_sign_flipping_is_voted_out_while_it_hurts(tmp_path):
+    """8 devices, 6 of them workers, 2 malicious: P(no malicious worker in 2 rounds) = (1/28)^2."""
+    out, summary, genesis, chain, honest = run_tiny(
+        tmp_path, "--devices", "8", "--rounds", str(EARLY_ROUNDS), "--roles", "6,1,1",
+        "--malicious", "2", "--attack", "sign_flip",
+    )  # fmt: skip
+    mal = set(summary["malicious"])
+    seen = 0
+    for r in summary["rounds"]:
+        bad = mal & set(r["workers"])
+        seen += len(bad)
+        assert bad <= set(r["rejected"]), r
+    assert seen >= 1
+    assert_votes_follow_algorithm_1(genesis, chain)
 
 
 def test_scaling_attack_multiplies_the_update(tmp_path):
@@ -112,11 +156,12 @@ def test_per_device_attacks_lazy_and_sign_flip(tmp_path):
             if w["body"]["sender"] == "d00":
                 seen += 1
                 assert w["body"]["model"] == prev_global  # skipped training, resubmitted G_{j-1}
-            if w["body"]["sender"] == "d01":
+            if w["body"]["sender"] == "d01" and blk.body["height"] <= EARLY_ROUNDS:
                 seen += 1
                 assert "d01" in blk.body["rejected"]
         prev_global = blk.body["global_model"]
     assert seen >= 1
+    assert_votes_follow_algorithm_1(genesis, chain)
 
 
 def test_agents_keeping_one_round_of_blobs_still_agree(tmp_path):
