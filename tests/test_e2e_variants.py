@@ -75,19 +75,23 @@ def assert_votes_follow_algorithm_1(genesis, chain):
                 assert v["positive"] == expect, (blk.body["height"], v)
 
 
-def test_label_flipping_is_voted_out(tmp_path):
-    """Measured over 8 rounds (IID, MLP): a label-flipped update scores 3-26 % where the
-    round's reference scores 35-57 %, so it loses far more than vh in every round."""
-    out, summary, genesis, chain, honest = run_tiny(
-        tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious", "2", "--attack", "label_flip"
-    )
+def assert_every_malicious_worker_rejected(summary):
     mal = set(summary["malicious"])
     seen = 0
     for r in summary["rounds"]:
         bad = mal & set(r["workers"])
         seen += len(bad)
         assert bad <= set(r["rejected"]), r
-    assert seen >= 1
+    assert seen >= 1, "no malicious worker in any round"
+
+
+def test_label_flipping_is_voted_out(tmp_path):
+    """Measured over 8 rounds (IID, MLP): a label-flipped update scores 3-26 % where the
+    round's reference scores 35-57 %, so it loses far more than vh in every round."""
+    out, summary, genesis, chain, honest = run_tiny(
+        tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious", "2", "--attack", "label_flip"
+    )
+    assert_every_malicious_worker_rejected(summary)
     assert_votes_follow_algorithm_1(genesis, chain)
 
 
@@ -104,13 +108,7 @@ def test_sign_flipping_is_voted_out_while_it_hurts(tmp_path):
         tmp_path, "--devices", "8", "--rounds", str(EARLY_ROUNDS), "--roles", "6,1,1",
         "--malicious", "2", "--attack", "sign_flip",
     )  # fmt: skip
-    mal = set(summary["malicious"])
-    seen = 0
-    for r in summary["rounds"]:
-        bad = mal & set(r["workers"])
-        seen += len(bad)
-        assert bad <= set(r["rejected"]), r
-    assert seen >= 1
+    assert_every_malicious_worker_rejected(summary)
     assert_votes_follow_algorithm_1(genesis, chain)
 
 
