@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from edge_agent.ml import blobs as bl
 from edge_agent.ml.aggregators import aggregate
 from edge_agent.protocol import ledger, voting
 from edge_agent.protocol.messages import from_json
+from edge_agent.store import block_blobs
 
-from test_e2e import bfl, load_chain
+from test_e2e import assert_every_malicious_worker_rejected, bfl, load_chain
 
 TINY = [
     "--devices", "6", "--rounds", "2", "--model", "mlp", "--dataset", "fashion-mnist",
@@ -73,16 +72,6 @@ def assert_votes_follow_algorithm_1(genesis, chain):
                     v["loss_milli"], med_loss, hp["loss_guard"]
                 )
                 assert v["positive"] == expect, (blk.body["height"], v)
-
-
-def assert_every_malicious_worker_rejected(summary):
-    mal = set(summary["malicious"])
-    seen = 0
-    for r in summary["rounds"]:
-        bad = mal & set(r["workers"])
-        seen += len(bad)
-        assert bad <= set(r["rejected"]), r
-    assert seen >= 1, "no malicious worker in any round"
 
 
 def test_label_flipping_is_voted_out(tmp_path):
@@ -171,9 +160,7 @@ def test_agents_keeping_one_round_of_blobs_still_agree(tmp_path):
         tmp_path, "--rounds", "3", "--roles", "4,1,1", "--malicious-ids", "d00=lazy", env={"BFL_KEEP_ROUNDS": "1"}
     )
     assert len(chain) == 3 and all(summary["heads"][d] == chain[-1].id for d in honest)
-    named = [{genesis.init_model}] + [
-        {w["body"]["model"] for w in b.body["wtxs"]} | {b.body["global_model"]} for b in chain
-    ]
+    named = [{genesis.init_model}] + [block_blobs(b.body) for b in chain]
     kept = {p.stem for p in (out / "blobs").glob("*/*.safetensors")}
     assert named[-1] <= kept
     assert not (set().union(*named[:-1]) - named[-1]) & kept
