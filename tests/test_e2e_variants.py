@@ -167,9 +167,12 @@ def test_agents_keeping_one_round_of_blobs_still_agree(tmp_path):
 
 
 def test_malicious_validator_inverts_its_votes(tmp_path):
+    """7 devices, 5 of them validators each round, 2 malicious: every round has an honest
+    validator, and P(no malicious validator in 3 rounds) = (1/21)^3. (Roles 2,3,1 among 6 with
+    3 malicious left only malicious validators in both rounds of one CI run: p = 1/400.)"""
     out, summary, genesis, chain, honest = run_tiny(
-        tmp_path, "--roles", "2,3,1", "--malicious", "3", "--attack", "invert_votes"
-    )
+        tmp_path, "--devices", "7", "--rounds", "3", "--roles", "1,5,1", "--malicious", "2", "--attack", "invert_votes"
+    )  # fmt: skip
     mal = set(summary["malicious"])
     vh, guard = genesis.hp["vh_bp"], genesis.hp["loss_guard"]
     checked = {True: 0, False: 0}
