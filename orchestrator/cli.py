@@ -150,16 +150,16 @@ def run(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=False, soft_wrap=True)
-    exp = Experiment(cfg, log=lambda m: console.print(m, highlight=False))
+    # plain text: no markup, so "[d03,d07]" (the rejected devices) is printed, not taken as a style
+    console = Console(stderr=False, soft_wrap=True, markup=False, highlight=False)
+    exp = Experiment(cfg, log=lambda m: console.print(m))
     try:
         exp.setup()
         devices_info = exp.start_agents()
         exp.publish_genesis(devices_info)
         console.print(
             f"run {exp.run_id} ({cfg.protocol}): {len(devices_info)} devices, roles {cfg.roles}, "
-            f"malicious {', '.join(exp.malicious) or 'none'} ({cfg.attack}), {cfg.model} on {cfg.dataset}/{cfg.partition}",
-            highlight=False,
+            f"malicious {', '.join(exp.malicious) or 'none'} ({cfg.attack}), {cfg.model} on {cfg.dataset}/{cfg.partition}"
         )
         with Progress(
             TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -175,13 +175,12 @@ def run(
                     f"{r.seconds:6.1f}s (train {r.train_ms_max / 1000:.1f}s)"
                     + ("" if r.agree else "  HEADS DIFFER")
                     + (f"  malicious rejected: {','.join(bad)}" if bad else ""),
-                    highlight=False,
                 )
                 bar.advance(task)
 
             exp.watch(progress)
         path = exp.write_summary()
-        console.print(f"summary: {path}", highlight=False)
+        console.print(f"summary: {path}")
     except ExperimentError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

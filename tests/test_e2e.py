@@ -108,8 +108,10 @@ def test_small_run_over_real_broker(broker, tmp_path, request):
     proc = bfl("run", *args)
     summary = check_run(out, proc)
     assert summary["config"]["broker"] == ("embedded" if broker == "embedded" else args[-1])
-    # the per-round lines were printed
+    # the per-round lines were printed, each naming the devices whose updates were rejected
     assert proc.stdout.count("round ") >= 3 and "winner" in proc.stdout
+    for r in summary["rounds"]:
+        assert f"rejected {len(r['rejected']):2d} [{','.join(r['rejected'])}]" in proc.stdout
 
 
 def test_validator_only_devices_run_without_torch(tmp_path, mosquitto_broker):
