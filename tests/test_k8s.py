@@ -446,6 +446,27 @@ def _assert_is_mosquitto(url):
     assert u.port in [p["port"] for p in svc["spec"]["ports"]]
 
 
+def expected_malicious() -> list[str]:
+    """Whom the Job's `bfl run` makes malicious: drawn by --seed among the admitted pods that
+    can train (orchestrator.experiment.choose_malicious), every pod of both StatefulSets
+    being admitted (--devices = their replicas)."""
+    from orchestrator.experiment import RunConfig, choose_malicious
+
+    _, _, args = _job_args()
+    pods, trainers = [], []
+    for s in statefulset_agents():
+        names = [f"{s['metadata']['name']}-{i}" for i in range(s["spec"]["replicas"])]
+        pods += names
+        caps = env_of(s["spec"]["template"]["spec"]["containers"][0]).get("BFL_CAPS", {}).get("value", "train")
+        trainers += names if "train" in caps else []
+    cfg = RunConfig(malicious=int(args["--malicious"]), seed=int(args.get("--seed", 0)))
+    return choose_malicious(cfg, sorted(pods), trainers)
+
+
+def _job_comments() -> str:
+    return "\n".join(line for line in (K8S / "50-orchestrator.yaml").read_text().splitlines() if line.lstrip().startswith("#"))
+
+
 def test_orchestrator_job_matches_the_cli_and_the_agents():
     job, c, args = _job_args()
     spec = job["spec"]["template"]["spec"]
@@ -462,14 +483,10 @@ def test_orchestrator_job_matches_the_cli_and_the_agents():
     assert 1 <= w <= trainers and w + v + m <= int(args["--devices"])
     assert 0 < int(args["--malicious"]) < int(args["--devices"])
     assert args["--model"] == "mlp" and args["--dataset"] == "fashion-mnist"
-    # the malicious devices the orchestrator will pick (by --seed, among the admitted pod names)
-    # can train, else a gaussian attack never fires
-    from orchestrator.experiment import RunConfig, choose_malicious
-
-    pods = sorted(f"{name}-{i}" for name, n in replicas.items() for i in range(n))
-    bad = choose_malicious(RunConfig(malicious=int(args["--malicious"]), seed=int(args.get("--seed", 0))), pods)
-    can_train = {s["metadata"]["name"] for s in statefulset_agents() if "BFL_CAPS" not in env_of(s["spec"]["template"]["spec"]["containers"][0])}
-    assert bad and all(d.rsplit("-", 1)[0] in can_train for d in bad), bad
+    # the malicious devices the orchestrator will pick (by --seed, among the admitted pods that
+    # can train) are the ones the comment beside --seed names
+    bad = expected_malicious()
+    assert bad and all(f" {d}." in _job_comments() for d in bad), bad
     assert args.get("--quiet") is True
     # the operator's secret key from the user's Secret
     m_, vol = mount_for(c, spec, args["--operator-key"])
