@@ -4,7 +4,8 @@
 # - system packages (when apt-get exists and we are root or have non-interactive sudo):
 #   mosquitto (real broker; tests start their own instance, the service is not started here),
 #   dataset-fashion-mnist (offline Fashion-MNIST), python3-venv,
-#   prometheus (the dashboard test scrapes a live run), podman + runc + debootstrap (container image test)
+#   prometheus (the dashboard test scrapes a live run), podman + runc + debootstrap (container image
+#   test), catatonit (the pause process of `podman kube play` pods: the k8s/ rehearsal)
 # - .venv with this project installed editable with all extras: pip install -e ".[dev]"
 # Re-running is fast: each step is skipped when already done.
 # Environment: PYTHON=/path/to/python3.x to choose the interpreter; SKIP_APT=1 to skip apt.
@@ -18,7 +19,7 @@ die()  { printf '%serror:%s %s\n' "$R" "$N" "$*" >&2; exit 1; }
 free_mb() { df -Pm . | awk 'NR == 2 {print $4}'; }
 
 NEED_INSTALL_MB="${NEED_INSTALL_MB:-7000}"
-APT_PACKAGES=(mosquitto dataset-fashion-mnist python3-venv prometheus podman runc debootstrap)
+APT_PACKAGES=(mosquitto dataset-fashion-mnist python3-venv prometheus podman runc catatonit debootstrap)
 
 # ---------------------------------------------------------------------------------- system
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }

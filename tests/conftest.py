@@ -1,6 +1,13 @@
-"""Shared pytest fixtures: MQTT brokers. (Other fixtures live in the test files that use them.)"""
+"""Shared pytest fixtures: MQTT brokers, the container images. (Other fixtures live in the
+test files that use them.)"""
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +37,31 @@ def mosquitto_broker(tmp_path_factory):
 def any_broker(request):
     """URL of each broker in turn."""
     return request.getfixturevalue(f"{request.param}_broker")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "scripts" / "container" / "build.sh"
+
+
+def podman_env() -> dict[str, str]:
+    """The environment for podman here: scripts/container/containers.conf unless one is set."""
+    conf = os.environ.get("CONTAINERS_CONF", str(ROOT / "scripts" / "container" / "containers.conf"))
+    return {**os.environ, "CONTAINERS_CONF": conf}
+
+
+@pytest.fixture(scope="session")
+def project_images() -> dict[str, str]:
+    """The images (full, validator, broker) as scripts/container/build.sh --local builds them,
+    built once per session. Unchanged sources rebuild from podman's layer cache in seconds, so
+    the images always match the working tree; --prune drops earlier builds' images (a CI
+    machine kept between runs would otherwise fill its disk)."""
+    m = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert m, "no version in pyproject.toml"
+    t0 = time.monotonic()
+    proc = subprocess.run([str(BUILD), "--local", "--prune"], capture_output=True, text=True, timeout=3000, env=podman_env())
+    build_s = time.monotonic() - t0
+    assert proc.returncode == 0, f"build failed after {build_s:.0f}s:\n{proc.stdout[-4000:]}{proc.stderr[-6000:]}"
+    print(f"\nbuild: {build_s:.0f}s\n" + "\n".join(line for line in proc.stderr.splitlines() if line.startswith("==>")))
+    print(proc.stdout)
+    image = f"posbfl-testbed:{m.group(1)}"
+    return {"full": image, "validator": f"{image}-validator", "broker": f"{image}-broker"}

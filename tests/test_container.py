@@ -16,18 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import podman_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 BUILD = ROOT / "scripts" / "container" / "build.sh"
-CONTAINERS_CONF = ROOT / "scripts" / "container" / "containers.conf"
 UID = 10001  # the image's unprivileged user (Dockerfile)
-
-
-def version() -> str:
-    m = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
-    assert m, "no version in pyproject.toml"
-    return m.group(1)
 
 
 def test_dockerfile_passes_hadolint():
@@ -55,7 +49,7 @@ class Podman:
         if exe is None:
             pytest.fail("podman is not installed (scripts/setup.sh installs it: apt-get install podman)")
         self.exe = exe
-        self.env = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINERS_CONF))}
+        self.env = podman_env()
         self.names: list[str] = []
 
     def __call__(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -101,20 +95,9 @@ def proc1_uid(podman: Podman, name: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_images_run_an_experiment(tmp_path):
+def test_images_run_an_experiment(tmp_path, project_images):
     podman = Podman()
-    ver = version()
-    full, validator, broker_img = f"posbfl-testbed:{ver}", f"posbfl-testbed:{ver}-validator", f"posbfl-testbed:{ver}-broker"
-
-    # Build (or refresh from podman's layer cache: unchanged sources rebuild in seconds, so the
-    # images always match the working tree). --prune drops earlier builds' images: a CI machine
-    # that is kept between runs would otherwise fill its disk.
-    t0 = time.monotonic()
-    proc = subprocess.run([str(BUILD), "--local", "--prune"], capture_output=True, text=True, timeout=3000, env=podman.env)
-    build_s = time.monotonic() - t0
-    assert proc.returncode == 0, f"build failed after {build_s:.0f}s:\n{proc.stdout[-4000:]}{proc.stderr[-6000:]}"
-    print(f"\nbuild: {build_s:.0f}s\n" + "\n".join(line for line in proc.stderr.splitlines() if line.startswith("==>")))
-    print(proc.stdout)
+    full, validator, broker_img = project_images["full"], project_images["validator"], project_images["broker"]
 
     # The validator image has no torch at all; the full one has the CPU build.
     p = podman("run", "--rm", validator, "python", "-c", "import torch", check=False)
