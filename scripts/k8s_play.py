@@ -219,13 +219,19 @@ def owner_of(spec: dict) -> tuple[int, int] | None:
 
 
 # ------------------------------------------------------------------------------- podman
+def podman_env() -> dict[str, str]:
+    """The environment for podman: the project's containers.conf (runc, no default ulimits:
+    what this testbed's CI machine needs) unless CONTAINERS_CONF names another."""
+    return {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINERS_CONF))}
+
+
 class Podman:
     def __init__(self) -> None:
         exe = shutil.which("podman")
         if exe is None:
             raise PlayError("podman is not installed (Debian: apt-get install podman catatonit)")
         self.exe = exe
-        self.env = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(CONTAINERS_CONF))}
+        self.env = podman_env()
 
     def __call__(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         proc = subprocess.run([self.exe, *args], input=input, capture_output=True, text=True, env=self.env, timeout=timeout)

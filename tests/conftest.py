@@ -3,9 +3,9 @@ test files that use them.)"""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,12 +41,8 @@ def any_broker(request):
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "scripts" / "container" / "build.sh"
-
-
-def podman_env() -> dict[str, str]:
-    """The environment for podman here: scripts/container/containers.conf unless one is set."""
-    conf = os.environ.get("CONTAINERS_CONF", str(ROOT / "scripts" / "container" / "containers.conf"))
-    return {**os.environ, "CONTAINERS_CONF": conf}
+sys.path.insert(0, str(ROOT / "scripts"))
+from k8s_play import podman_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
+import k8s_play  # scripts/ is on the path (conftest)
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import k8s_play  # noqa: E402
-from test_k8s import expected_malicious, one  # noqa: E402
+from test_k8s import expected_malicious, one
 
 WORKLOADS = {"mosquitto", "bfl-agent", "bfl-validator", "bfl-orchestrator"}
 JOB_POD = "bfl-orchestrator-play"
