@@ -446,21 +446,26 @@ def _assert_is_mosquitto(url):
     assert u.port in [p["port"] for p in svc["spec"]["ports"]]
 
 
-def expected_malicious() -> list[str]:
-    """Whom the Job's `bfl run` makes malicious: drawn by --seed among the admitted pods that
-    can train (orchestrator.experiment.choose_malicious), every pod of both StatefulSets
-    being admitted (--devices = their replicas)."""
-    from orchestrator.experiment import RunConfig, choose_malicious
-
-    _, _, args = _job_args()
+def agent_pods() -> tuple[list[str], list[str]]:
+    """The device ids (pod names) the agent StatefulSets create, and those that can train."""
     pods, trainers = [], []
     for s in statefulset_agents():
         names = [f"{s['metadata']['name']}-{i}" for i in range(s["spec"]["replicas"])]
         pods += names
         caps = env_of(s["spec"]["template"]["spec"]["containers"][0]).get("BFL_CAPS", {}).get("value", "train")
         trainers += names if "train" in caps else []
+    return sorted(pods), trainers
+
+
+def expected_malicious() -> list[str]:
+    """Whom the Job's `bfl run` makes malicious: drawn by --seed among the admitted pods that
+    can train (orchestrator.experiment.choose_malicious), every agent pod being admitted
+    (--devices = their number)."""
+    from orchestrator.experiment import RunConfig, choose_malicious
+
+    _, _, args = _job_args()
     cfg = RunConfig(malicious=int(args["--malicious"]), seed=int(args.get("--seed", 0)))
-    return choose_malicious(cfg, sorted(pods), trainers)
+    return choose_malicious(cfg, *agent_pods())
 
 
 def _job_comments() -> str:
@@ -473,14 +478,10 @@ def test_orchestrator_job_matches_the_cli_and_the_agents():
     assert args["--external"] is True
     _assert_is_mosquitto(args["--broker"])
     # --devices = every agent pod: the orchestrator admits the first N that announce themselves
-    replicas = {s["metadata"]["name"]: s["spec"]["replicas"] for s in statefulset_agents()}
-    assert int(args["--devices"]) == sum(replicas.values()), replicas
+    pods, trainers = agent_pods()
+    assert int(args["--devices"]) == len(pods), pods
     w, v, m = (int(x) for x in args["--roles"].split(","))
-    trainers = sum(
-        s["spec"]["replicas"] for s in statefulset_agents()
-        if "train" in env_of(s["spec"]["template"]["spec"]["containers"][0]).get("BFL_CAPS", {}).get("value", "train")
-    )  # fmt: skip
-    assert 1 <= w <= trainers and w + v + m <= int(args["--devices"])
+    assert 1 <= w <= len(trainers) and w + v + m <= int(args["--devices"])
     assert 0 < int(args["--malicious"]) < int(args["--devices"])
     assert args["--model"] == "mlp" and args["--dataset"] == "fashion-mnist"
     # the malicious devices the orchestrator will pick (by --seed, among the admitted pods that
