@@ -6,7 +6,6 @@ its Job -- with the images scripts/container/build.sh builds."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -108,10 +107,13 @@ def test_missing_secret_and_bad_arguments_are_one_line_errors(tmp_path, operator
 
 # ----------------------------------------------------------------- slow: a real rehearsal
 def metric(text: str, name: str, **labels) -> float | None:
-    for line in text.splitlines():
-        m = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
-        if m and all(f'{k}="{v}"' in m.group(1) for k, v in labels.items()):
-            return float(m.group(2))
+    """The value of sample ``name`` with ``labels`` in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
     return None
 
 
@@ -146,9 +148,11 @@ def test_manifests_run_an_experiment_under_podman_kube_play(tmp_path, project_im
         print(f"\nexperiment from k8s/ under podman kube play: {run_s:.0f}s\n{log}")
 
         # the results on the Job's claim, in the directory $(POD_NAME) names
-        read = podman("run", "--rm", "-v", "bfl-results:/results:ro", project_images["validator"],
-                      "cat", f"/results/{JOB_POD}/summary.json")  # fmt: skip
-        summary = json.loads(read.stdout)
+        def result(name: str) -> dict:
+            cat = ("cat", f"/results/{JOB_POD}/{name}")
+            return json.loads(podman("run", "--rm", "-v", "bfl-results:/results:ro", project_images["validator"], *cat).stdout)
+
+        summary = result("summary.json")
         args = job["args"]
         assert summary["devices"] == int(args[args.index("--devices") + 1]) == len(agents)
         assert len(summary["rounds"]) == int(args[args.index("--rounds") + 1])
@@ -159,9 +163,7 @@ def test_manifests_run_an_experiment_under_podman_kube_play(tmp_path, project_im
             assert not {w for w in r["workers"] if w.startswith("bfl-validator-")}, r  # no torch: never trains
             assert not set(summary["malicious"]) & set(r["accepted"]), r
         # one key per pod, on its own volume: every device signs with a key of its own
-        genesis = json.loads(podman("run", "--rm", "-v", "bfl-results:/results:ro", project_images["validator"],
-                                    "cat", f"/results/{JOB_POD}/genesis.json").stdout)  # fmt: skip
-        devices = genesis["body"]["devices"]
+        devices = result("genesis.json")["body"]["devices"]
         assert sorted(devices) == sorted(agents) and len({d["pubkey"] for d in devices.values()}) == len(agents)
         assert {d for d, v in devices.items() if "train" not in v["caps"]} == {a for a in agents if a.startswith("bfl-validator-")}
 
