@@ -35,7 +35,7 @@ Probes become podman healthchecks, which need systemd to run.
     scripts/k8s_play.py up --secret bfl-operator=DIR [--only mosquitto,bfl-agent,...]
     scripts/k8s_play.py down        # remove the pods and volumes that `up` made
 
-tests/test_k8s.py runs a whole experiment this way (marked slow).
+tests/test_k8s_play.py runs a whole experiment this way (marked slow).
 """
 
 from __future__ import annotations
@@ -178,8 +178,12 @@ def plan(docs: list[dict], secrets: dict[str, Path], state: Path, only: set[str]
     """The pods to play, in order: [(workload name, Pod)]. Deployments first (their Services
     become host aliases of the rest), then StatefulSets, then Jobs."""
     configmaps = named(docs, "ConfigMap")
+    kinds = ("Deployment", "StatefulSet", "Job")
+    unknown = sorted((only or set()) - {n for k in kinds for n in named(docs, k)})
+    if unknown:
+        raise PlayError(f"--only names no Deployment, StatefulSet or Job of the manifests: {', '.join(unknown)}")
     out = []
-    for kind in ("Deployment", "StatefulSet", "Job"):
+    for kind in kinds:
         for name, wl in named(docs, kind).items():
             if only is not None and name not in only:
                 continue

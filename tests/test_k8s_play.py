@@ -100,9 +100,13 @@ def test_missing_secret_and_bad_arguments_are_one_line_errors(tmp_path, operator
     empty.mkdir()
     with pytest.raises(k8s_play.PlayError, match="has no key 'operator.pub'"):
         k8s_play.plan(k8s_play.load_manifests(), {"bfl-operator": empty}, tmp_path / "state")
-    for args in (["up", "--secret", "bfl-operator"], ["up", "--secret", f"bfl-operator={tmp_path / 'nope'}"]):
+    for args, start in (
+        (["up", "--secret", "bfl-operator"], "error: --secret"),
+        (["up", "--secret", f"bfl-operator={tmp_path / 'nope'}"], "error: --secret"),
+        (["up", "--secret", f"bfl-operator={operator_secret}", "--only", "bfl-agnet"], "error: --only names no"),
+    ):
         proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "k8s_play.py"), *args], capture_output=True, text=True)
-        assert proc.returncode == 1 and proc.stderr.startswith("error: --secret") and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.returncode == 1 and proc.stderr.startswith(start) and proc.stderr.count("\n") == 1, proc.stderr
 
 
 # ----------------------------------------------------------------- slow: a real rehearsal
