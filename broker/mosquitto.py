@@ -9,7 +9,7 @@
 
 Topic layout (fixed; ``R`` = run topic root ``bfl/v1``, ``<run>`` = run id, ``%u`` = username)::
 
-    R/<run>/<kind>/<device_id>[/...]   kind in wtx vtx block blob sync chain head report ack (device)
+    R/<run>/<kind>/<device_id>[/...]   kind in wtx vtx block blob sync chain head report ack evidence (device)
     R/devices/<device_id>/hello|status                                             (device)
     R/<run>/genesis                                                                (operator)
     R/<run>/cmd/<device_id>[/...]                       (operator writes; only that device reads)
@@ -52,7 +52,7 @@ __all__ = [
 
 #: Per-run message kinds a device publishes under its own id: bfl/v1/<run>/<kind>/<device_id>/...
 #: Must cover edge_agent.protocol.messages.RUN_KINDS (a test checks it).
-DEVICE_KINDS: tuple[str, ...] = ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "report", "ack")
+DEVICE_KINDS: tuple[str, ...] = ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "report", "ack", "evidence")
 MIB = 1024 * 1024
 #: Room for fixed header + topic + packet id: agents keep payloads <= max_packet_size - this.
 PACKET_HEADROOM = 64 * 1024

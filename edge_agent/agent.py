@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .byzantine import invert_votes
 from .metrics import stop_serving
 from .ml.blobs import BlobStore
 from .protocol import node as nd
@@ -106,6 +107,7 @@ class Agent:
         self.runtime: Runtime | None = None
         self.store: ChainStore | None = None
         self.pending_cmds: dict[str, dict] = {}
+        self.attack: dict | None = None
         self.drops: Counter[str] = Counter()
         self.stopped = False
         self.stop_requested = False
@@ -150,7 +152,7 @@ class Agent:
             self.mqtt.close()
             if self.metrics_server is not None:
                 if self.exit_after_run and self.metrics_linger > 0:
-                    self.metrics.update(self.node)
+                    self.metrics.update(self.node, self.attack)
                     time.sleep(self.metrics_linger)  # let Prometheus scrape the final state
                 stop_serving(self.metrics_server)
 
@@ -182,7 +184,7 @@ class Agent:
         if self.node is not None:
             self._execute(self.node.tick(time.monotonic()))
         if self.metrics is not None:
-            self.metrics.update(self.node)
+            self.metrics.update(self.node, self.attack)
             self.metrics.drops(self.drops, source="agent")
 
     def _on_incoming(self, msg: Incoming) -> None:
@@ -225,11 +227,14 @@ class Agent:
     def _join(self, genesis: Genesis) -> None:
         run = genesis.run
         # subscribe first: what peers publish while we load data is queued, not lost
-        self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "chain", "head")))
+        self.mqtt.subscribe(
+            *(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "evidence"))
+        )
         self.store = ChainStore(self.workdir / "runs", genesis.run)
         self.store.save_genesis(genesis.env)
         blocks = self.store.load_blocks()
         self.runtime = Runtime(genesis, self.me, self.blobs, self.data_dir, self.threads)
+        self.runtime.attack = self.attack
         self.runtime.ensure_initial_model()
         _ = self.runtime.data  # load the shard now: a missing dataset fails at join, loudly
         try:
@@ -244,7 +249,7 @@ class Agent:
             self.metrics.joined(run)
         cmd = self.pending_cmds.pop(genesis.run, None)
         if cmd:
-            self.node.attack = cmd.get("attack")
+            self._set_attack(cmd.get("attack"))
         log.info(
             "%s: joined run %s at height %d (%d devices, roles %s)",
             self.me,
@@ -266,16 +271,25 @@ class Agent:
             raise Drop("topic_mismatch", "command for another device")
         run = env.body["run"]
         if self.node is not None and self.node.run == run:
-            self.node.attack = env.body.get("attack")
+            self._set_attack(env.body.get("attack"))
         else:
             self.pending_cmds[run] = env.body
         log.warning("%s: operator command for run %s: attack=%s", self.me, run, env.body.get("attack"))
         ack = sign(self.key, {"run": run, "kind": "ack", "round": 0, "sender": self.me, "cmd": env.id})
         self.mqtt.publish(topic(run, "ack", self.me), ack.payload())
 
+    def _set_attack(self, attack) -> None:
+        """The operator's fault injection lives here, in the shell, not in the protocol core:
+        model attacks change what the runtime trains, ``invert_votes`` rewrites our votes."""
+        self.attack = attack if isinstance(attack, dict) else None
+        if self.runtime is not None:
+            self.runtime.attack = self.attack
+
     # -- actions --
 
     def _execute(self, actions: list) -> None:
+        if self.attack and self.attack.get("name") == "invert_votes" and self.node is not None:
+            actions = [invert_votes(self.node.genesis, self.key, a) for a in actions]
         for a in actions:
             if isinstance(a, nd.Publish):
                 self.mqtt.publish(a.topic, a.payload, retain=a.retain)
@@ -283,6 +297,12 @@ class Agent:
                     self.metrics.published(a.topic, a.payload)
             elif isinstance(a, nd.StoreBlob):
                 self.blobs.put(a.data)
+            elif isinstance(a, nd.DeleteBlob):
+                self.blobs.delete(a.hash)
+            elif isinstance(a, nd.Rollback):
+                self.store.rewrite(self.node.chain[: a.height])
+                self.retention = BlobRetention(self.keep_rounds, self.node.genesis.init_model, [b.body for b in self.node.chain])
+                log.warning("%s: reorganised: chain rolled back to height %d", self.me, a.height)
             elif isinstance(a, (nd.Train, nd.Evaluate, nd.Aggregate, nd.EvaluateGlobal)):
                 fut = self.tasks.submit(self._timed, self.runtime, a)
                 fut.add_done_callback(lambda f: self.events.put(self._with_timings(f.result())))

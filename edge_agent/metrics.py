@@ -221,7 +221,7 @@ class AgentMetrics:
                 self.dropped.labels(self.device, reason).inc(delta)
             self._seen_drops[key] = n
 
-    def update(self, node, now: float | None = None) -> None:
+    def update(self, node, attack: dict | None = None, now: float | None = None) -> None:
         """Gauges from the Node's state (cheap; called after every protocol step)."""
         if node is None or self._run != node.run:
             return
@@ -244,7 +244,7 @@ class AgentMetrics:
         self.stake.labels(dev, run).set(st.stake(dev))
         self.height.labels(dev, run).set(st.height)
         self.blacklisted.labels(dev, run).set(1 if dev in st.blacklist else 0)
-        attack = (node.attack or {}).get("name") or "none"
+        attack = (attack or {}).get("name") or "none"
         if attack != self._attack:
             self.attack.clear()
             self.attack.labels(dev, run, attack).set(1)

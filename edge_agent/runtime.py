@@ -40,6 +40,7 @@ class Runtime:
         self._scores: dict[str, tuple[int, int]] = {}
         self._personal: tuple[int, dict] | None = None  # pFedMe: (round, theta)
         self.timings: dict[str, int] = {}
+        self.attack: dict | None = None  # the operator's fault injection (set by the agent)
 
     @property
     def arch(self) -> str:
@@ -151,7 +152,7 @@ class Runtime:
     def train(self, a: nd.Train) -> nd.TrainingDone:
         from .ml.attacks import ATTACKS, apply_attack
 
-        name = (a.attack or {}).get("name")
+        name = (self.attack or {}).get("name")
         base = self._params(a.base_model)
         if name == "lazy":  # skips training altogether
             params = dict(base)
@@ -160,7 +161,7 @@ class Runtime:
         else:
             params = self._train_params(base, self.genesis.hp["local_epochs"], a.seed, flip_labels=name == "label_flip")
         if name in ATTACKS:
-            params = apply_attack(name, params, a.seed, base=base, **attack_kwargs(a.attack))
+            params = apply_attack(name, params, a.seed, base=base, **attack_kwargs(self.attack))
         if name:
             log.info("%s: round %d: malicious behaviour %s", self.me, a.round, name)
         return nd.TrainingDone(a.round, bl.encode(params))

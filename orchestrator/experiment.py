@@ -532,7 +532,7 @@ class Experiment:
         rounds, stakes = [], []
         state = lg.genesis_state(self.genesis)
         for res, blk in zip(self.results, self.observer.chain(len(self.results), honest)):
-            state = lg.process_block(self.genesis, state, blk)
+            state, _ = lg.process_block(self.genesis, state, blk)
             votes = [v for raw in blk.body["vtxs"] for v in from_json(raw).body["votes"]]
             rounds.append(
                 {

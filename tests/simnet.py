@@ -63,13 +63,13 @@ class SimNet:
         self.nodes = {
             d: nd.Node(d, k, self.genesis, have_blob=self.blobs.__contains__) for d, k in self.keys.items()
         }
-        for d in malicious:
-            self.nodes[d].attack = {"name": "gaussian"}
+        self.malicious = set(malicious)  # the shell's fault injection: noisy training
         self.silent = set(silent)
         self.now = 0.0
         self.queue: deque = deque()  # (device, event)
         self.published: list[nd.Publish] = []
         self.committed: dict[str, list] = {d: [] for d in self.nodes}
+        self.deleted: dict[str, set] = {d: set() for d in self.nodes}
         self.reports: list = []
         self.tamper = None  # optional fn(Publish) -> Publish | None
         self.retained: dict[str, bytes] = {}
@@ -99,7 +99,7 @@ class SimNet:
                 base = vec_of(self.blobs[a.base_model])
                 rng = np.random.default_rng(a.seed)
                 new = base + 0.5 * (TARGET - base) + rng.normal(0, 0.01, DIM).astype(np.float32)
-                if a.attack:
+                if dev in self.malicious:
                     new = new + rng.normal(0, 1.0, DIM).astype(np.float32)
                 self.queue.append((dev, nd.TrainingDone(a.round, blob_of(new))))
             elif isinstance(a, nd.Evaluate):
@@ -120,6 +120,10 @@ class SimNet:
                 self.queue.append((dev, nd.AggregateDone(a.key, h)))
             elif isinstance(a, nd.CommitBlock):
                 self.committed[dev].append(a.block)
+            elif isinstance(a, nd.Rollback):
+                del self.committed[dev][a.height :]
+            elif isinstance(a, nd.DeleteBlob):
+                self.deleted[dev].add(a.hash)  # one store shared by all nodes: keep the bytes
             elif isinstance(a, nd.EvaluateGlobal):
                 self.queue.append((dev, nd.GlobalEvaluated(a.height, a.model_hash, accuracy_bp(vec_of(self.blobs[a.model_hash])))))
             elif isinstance(a, nd.BlobRequestAnswer):

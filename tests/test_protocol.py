@@ -281,7 +281,7 @@ def test_bad_messages_are_dropped_with_reasons():
     # the good one is accepted, twice is idempotent
     victim.handle(Received(t, good.payload()), 0)
     victim.handle(Received(t, good.payload()), 0)
-    assert victim.ctx.wtxs[worker].id == good.id
+    assert good.id in victim.ctx.wtxs
     d = victim.drops
     assert d["bad_claim"] >= 1 or d["bad_signature"] >= 1
     assert d["wrong_run"] == 1
@@ -308,8 +308,8 @@ def test_tampered_block_is_rejected_by_everyone():
     net.start()
     net.run()
     (miner,) = ledger.roles_for(net.genesis, ledger.genesis_state(net.genesis)).miners
-    # nobody accepts the forged copy ...
-    assert sum(n.drops["bad_signature"] for n in net.nodes.values()) == 5
+    # nobody accepts the forged copy (the miner gets it back from the broker too) ...
+    assert sum(n.drops["bad_signature"] for n in net.nodes.values()) == 6
     # ... but the miner appended its genuine block, and the others pulled it from it
     genuine = net.nodes[miner].chain[0]
     assert genuine.body["rewards"] == ledger.tally(

@@ -203,6 +203,9 @@ def check_genesis_body(body: dict) -> None:
             need(all(isinstance(v, int) and v > 0 for v in hp["pfedme"].values()), "hp.pfedme")
         for key in ("train", "validate", "mine"):
             need(isinstance(body["deadlines_ms"][key], int) and body["deadlines_ms"][key] > 0, key)
+        from .ledger import check_block_bound  # (ledger imports this module)
+
+        check_block_bound(body)
     except (KeyError, TypeError, ValueError) as exc:
         raise Drop("bad_genesis", f"missing or bad field {exc}") from None
 

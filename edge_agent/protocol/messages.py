@@ -19,6 +19,7 @@ can confine each device to its own subtrees, see ``broker/mosquitto.py``)::
     bfl/v1/<run>/sync/<device>                   request for missing blocks or blobs (pull)
     bfl/v1/<run>/chain/<device>                  answer to a block request: signed blocks
     bfl/v1/<run>/head/<device>         retained  the device's chain head
+    bfl/v1/<run>/evidence/<device>               two signed messages of one sender for one slot
     bfl/v1/<run>/report/<device>                 accuracy of G_j on the device's test split
 """
 
@@ -34,7 +35,7 @@ from .crypto import KeyPair, sha256_hex, verify
 PREFIX = "bfl/v1"
 
 # Kinds published under a run, each by the device named in the topic.
-RUN_KINDS = ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "report", "ack")
+RUN_KINDS = ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "report", "ack", "evidence")
 OPERATOR_KINDS = ("genesis", "cmd")
 
 MAX_JSON_BYTES = 1 << 20  # blocks embed every transaction of a round; well under this
@@ -56,11 +57,13 @@ def valid_hash(h: Any) -> bool:
 #: Every reason a message can be dropped for (the ``reason`` label of
 #: ``bfl_messages_dropped_total``; tests/test_metrics.py checks the code uses no other).
 DROP_REASONS = (
-    "bad_claim", "bad_genesis", "bad_signature", "bad_topic", "blacklisted", "buffer_full",
-    "busy", "duplicate", "equivocation", "future_round", "hash_mismatch", "internal_error",
-    "invalid_block", "malformed", "stale_round", "too_large", "too_many_blobs", "topic_mismatch",
-    "unexpected_kind", "unknown_operator", "unknown_sender", "wrong_kind", "wrong_prev",
-    "wrong_role", "wrong_round", "wrong_run",
+    "bad_claim", "bad_evidence", "bad_genesis", "bad_signature", "bad_topic", "blacklisted",
+    "buffer_full", "busy", "duplicate", "duplicate_id", "duplicate_sender", "equivocation",
+    "future_round", "hash_mismatch", "internal_error", "invalid_block", "malformed", "not_canonical",
+    "stale_round", "too_large", "too_many_blobs", "topic_mismatch", "unavailable", "unexpected_kind",
+    "unknown_operator", "unknown_sender", "unknown_tx", "unvoted_update", "vote_mismatch",
+    "vote_not_evaluated", "wrong_global_model", "wrong_height", "wrong_kind", "wrong_outcome",
+    "wrong_prev", "wrong_rewards", "wrong_role", "wrong_round", "wrong_run",
 )  # fmt: skip
 
 
@@ -98,8 +101,32 @@ class Envelope:
         return canonical_bytes(self.to_json())
 
 
+#: The fields of a block that are its content, signed through their digest (see ``signed_view``).
+BLOCK_CONTENT = ("wtxs", "vtxs", "evidence")
+
+
+def signed_view(body: dict) -> dict:
+    """What a signature covers and an id hashes: the body itself, except for a block, whose
+    content (its transactions and evidence) is replaced by ``content``, the SHA-256 of that
+    content's canonical bytes. A block and its header (the block with ``content`` instead of
+    the content) therefore have one id and one signature, so two headers are enough evidence
+    of a miner's equivocation however large its blocks are.
+    """
+    if body.get("kind") != "block" or "content" in body:
+        return body
+    content = {k: body.get(k) for k in BLOCK_CONTENT}
+    view = {k: v for k, v in body.items() if k not in BLOCK_CONTENT}
+    view["content"] = sha256_hex(canonical_bytes(content))
+    return view
+
+
+def header(env: "Envelope") -> "Envelope":
+    """A block's header: the signed view, with the block's signature and id."""
+    return Envelope(body=signed_view(env.body), sig=env.sig, id=env.id)
+
+
 def sign(key: KeyPair, body: dict) -> Envelope:
-    data = canonical_bytes(body)
+    data = canonical_bytes(signed_view(body))
     return Envelope(body=body, sig=key.sign(data), id=sha256_hex(data))
 
 
@@ -125,15 +152,17 @@ def from_json(obj: Any) -> Envelope:
             raise Drop("malformed", f"body.{field} missing or not {typ.__name__}")
     if body["round"] < 0:
         raise Drop("malformed", "negative round")
+    if body["kind"] == "block" and "content" in body and any(k in body for k in BLOCK_CONTENT):
+        raise Drop("malformed", "a block header with content")
     try:
-        data = canonical_bytes(body)
+        data = canonical_bytes(signed_view(body))
     except CanonicalError as exc:
         raise Drop("malformed", str(exc)) from None
     return Envelope(body=body, sig=sig, id=sha256_hex(data))
 
 
 def check_signature(env: Envelope, public_hex: str) -> None:
-    if not verify(public_hex, canonical_bytes(env.body), env.sig):
+    if not verify(public_hex, canonical_bytes(signed_view(env.body)), env.sig):
         raise Drop("bad_signature", f"{env.kind} from {env.sender}")
 
 
