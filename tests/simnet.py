@@ -57,7 +57,12 @@ def make_run(n=8, roles=(4, 2, 2), rounds=3, run="r1", protocol="pos-bfl", **hp)
 
 
 class SimNet:
-    def __init__(self, n=8, roles=(4, 2, 2), rounds=3, malicious=(), silent=(), protocol="pos-bfl", **hp):
+    """``rng``: deliver queued events in random order (else FIFO). ``byzantine``: device ->
+    fn(net, dev, Publish) -> [(destinations or None for all, Publish)], what that device
+    really sends instead of each honest publication (tests/test_byzantine.py)."""
+
+    def __init__(self, n=8, roles=(4, 2, 2), rounds=3, malicious=(), silent=(), protocol="pos-bfl", rng=None,
+                 byzantine=None, **hp):  # fmt: skip
         self.genesis, self.keys, init = make_run(n, roles, rounds, protocol=protocol, **hp)
         self.blobs = {sha256_hex(init): init}
         self.nodes = {
@@ -74,6 +79,8 @@ class SimNet:
         self.tamper = None  # optional fn(Publish) -> Publish | None
         self.retained: dict[str, bytes] = {}
         self.lose = None  # optional fn(dest, Publish) -> True to lose that delivery
+        self.rng = rng
+        self.byzantine = dict(byzantine or {})
 
     def start(self):
         for d, node in self.nodes.items():
@@ -87,12 +94,9 @@ class SimNet:
                     a = self.tamper(dev, a)
                     if a is None:
                         continue
-                self.published.append(a)
-                if a.retain:
-                    self.retained[a.topic] = a.payload
-                for other in self.nodes:
-                    if other not in self.silent and not (self.lose and self.lose(other, a)):
-                        self.queue.append((other, nd.Received(a.topic, a.payload)))
+                sends = self.byzantine[dev](self, dev, a) if dev in self.byzantine else [(None, a)]
+                for dests, pub in sends:
+                    self.send(pub, dests)
             elif isinstance(a, nd.StoreBlob):
                 self.blobs[a.hash] = a.data
             elif isinstance(a, nd.Train):
@@ -132,6 +136,15 @@ class SimNet:
             elif isinstance(a, nd.Finished):
                 pass
 
+    def send(self, pub: nd.Publish, dests=None):
+        """Deliver ``pub`` through the broker: to every live device, or only to ``dests``."""
+        self.published.append(pub)
+        if pub.retain:
+            self.retained[pub.topic] = pub.payload
+        for other in self.nodes if dests is None else dests:
+            if other not in self.silent and not (self.lose and self.lose(other, pub)):
+                self.queue.append((other, nd.Received(pub.topic, pub.payload)))
+
     def revive(self, dev):
         """A device that was down comes up: it starts from its chain and gets retained state."""
         self.silent.discard(dev)
@@ -150,6 +163,8 @@ class SimNet:
             if until is not None and until():
                 return
             if self.queue:
+                if self.rng is not None:
+                    self.queue.rotate(-int(self.rng.integers(len(self.queue))))
                 dev, ev = self.queue.popleft()
                 if dev in self.silent:
                     continue

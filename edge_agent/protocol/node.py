@@ -251,6 +251,7 @@ class RoundCtx:
     mine_tries: int = 0
     waiting_logged: bool = False
     wtx_pull_at: float = 0.0  # when to ask missing workers to re-publish (0: not yet due)
+    asked: set[str] = field(default_factory=set)  # worker tx ids a miner asked validators for
 
     def elapsed_ms(self, now: float) -> float:
         return (now - self.started) * 1000
@@ -423,7 +424,8 @@ class Node:
     def _miner_ready(self, ctx: RoundCtx, now: float) -> bool:
         t = ctx.elapsed_ms(now)
         if validated(self.genesis):
-            return set(ctx.roles.validators) <= set(ctx.vtxs) or t >= self.dl["train"] + self.dl["validate"]
+            named_all = ctx.asked <= set(ctx.wtxs)
+            return (set(ctx.roles.validators) <= set(ctx.vtxs) and named_all) or t >= self.dl["train"] + self.dl["validate"]
         return self._updates_complete() or t >= self.dl["train"]  # baselines: no votes
 
     def _waiting_for_updates(self, ctx: RoundCtx) -> bool:
@@ -522,7 +524,22 @@ class Node:
                 ctx.wtx_pull_at = now + WTX_PULL_S
         else:
             ctx.vtxs.setdefault(env.sender, env)
+            acts += self._fetch_named_txs(env, now)
         return acts
+
+    def _fetch_named_txs(self, vtx: Envelope, now: float) -> list:
+        """A miner asks a validator for the worker txs its vote names and the miner lacks (an
+        equivocating worker may have sent each half of the network a different one): without
+        them that validator's votes could not enter the block."""
+        ctx = self.ctx
+        assert ctx is not None
+        if not ctx.roles.is_miner(self.me) or ctx.miner is not MinerPhase.COLLECTING:
+            return []
+        unknown = sorted(set(vtx.body["verified"]) - set(ctx.wtxs) - ctx.asked)
+        if not unknown:
+            return []
+        ctx.asked |= set(unknown)
+        return [self._sync_request(ctx.round, now, ("txs", vtx.sender), target=vtx.sender, tx_ids=unknown[:64], blobs=[])]
 
     # -- equivocation evidence --
 
@@ -709,8 +726,8 @@ class Node:
         check_signature(env, self.genesis.pubkey(env.sender))
         self.seen.add(env.id)
         b = env.body
-        hashes, wtx_of, vtx_of = b.get("blobs", []), b.get("wtx_of", []), b.get("vtx_of", [])
-        for name, value in (("blobs", hashes), ("wtx_of", wtx_of), ("vtx_of", vtx_of)):
+        hashes, wtx_of, vtx_of, tx_ids = b.get("blobs", []), b.get("wtx_of", []), b.get("vtx_of", []), b.get("tx_ids", [])
+        for name, value in (("blobs", hashes), ("wtx_of", wtx_of), ("vtx_of", vtx_of), ("tx_ids", tx_ids)):
             if not isinstance(value, list) or len(value) > 64 or not all(isinstance(x, str) for x in value):
                 raise Drop("malformed", f"sync.{name}")
         if not all(valid_hash(h) for h in hashes):
@@ -727,6 +744,11 @@ class Node:
                     acts.append(BlobRequestAnswer(mine.body["model"]))
         # Only a blob's author, or the peer named as target, answers: no N-fold fan-out.
         acts += [BlobRequestAnswer(h) for h in hashes if h in self.own_blobs or (targeted and self.have_blob(h))]
+        held = [ctx.wtxs[t] for t in tx_ids if current and t in ctx.wtxs] if targeted else []
+        if held:
+            body = {"run": self.run, "kind": "chain", "round": ctx.round, "sender": self.me, "to": env.sender,
+                    "blocks": [], "txs": [t.to_json() for t in held]}  # fmt: skip
+            acts.append(Publish(topic(self.run, "chain", self.me), sign(self.key, body).payload()))
         start = b.get("from_height")
         if targeted and isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= len(self.chain):
             blocks = self.chain[start - 1 : start - 1 + PULL_BATCH]
@@ -747,10 +769,19 @@ class Node:
             return []  # an answer to someone else
         check_signature(env, self.genesis.pubkey(env.sender))
         self.seen.add(env.id)
-        blocks = env.body.get("blocks")
-        if not isinstance(blocks, list) or len(blocks) > PULL_BATCH:
+        blocks, txs = env.body.get("blocks"), env.body.get("txs", [])
+        if not isinstance(blocks, list) or len(blocks) > PULL_BATCH or not isinstance(txs, list) or len(txs) > 64:
             raise Drop("malformed", "chain.blocks")
         acts: list = []
+        for raw in txs:  # worker txs a validator named: the same rules as gossiped ones
+            try:
+                tx = from_json(raw)
+                if tx.kind != "wtx" or self.ctx is None or tx.round != self.ctx.round:
+                    raise Drop("malformed" if tx.kind != "wtx" else "stale_round", "chain.txs")
+                if tx.id not in self.seen:
+                    acts += self._on_tx(tx, now)
+            except Drop as exc:
+                self.drops[exc.reason] += 1
         got = False
         for raw in blocks:
             try:

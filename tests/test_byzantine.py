@@ -1,0 +1,197 @@
+"""A byzantine insider with its own valid key, in the in-memory network (the real protocol
+core, real signatures and blobs), every message delivered in a random order: the honest
+devices still end with one head, the chain replays, and the equivocator is slashed.
+
+Each behaviour is a function (net, device, Publish) -> [(destinations, Publish)]: what the
+byzantine device sends instead of each of its honest publications."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.protocol import ledger
+from edge_agent.protocol import node as nd
+from edge_agent.protocol.crypto import sha256_hex
+from edge_agent.protocol.messages import decode, from_json, sign, topic
+
+from simnet import DIM, SimNet, blob_of, make_run
+
+N, ROLES = 8, (4, 2, 2)
+
+
+def round1_roles():
+    genesis, _, _ = make_run(n=N, roles=ROLES, rounds=4)
+    return ledger.roles_for(genesis, ledger.genesis_state(genesis))
+
+
+#: the byzantine device of each behaviour has the role the behaviour needs in round 1
+ROUND1 = round1_roles()
+BYZ = ROUND1.miners[0]
+
+
+def _halves(net):
+    devs = sorted(net.nodes)
+    return devs[::2], devs[1::2]
+
+
+def equivocating_miner(net, dev, pub):
+    """Its candidate to half of the devices, a second, different valid block (an empty one)
+    to the other half."""
+    if "/block/" not in pub.topic:
+        return [(None, pub)]
+    node = net.nodes[dev]
+    empty = sign(net.keys[dev], ledger.build_block(net.genesis, node.state, dev, [], [], node.state.global_model))
+    a, b = _halves(net)
+    return [(a, pub), (b, nd.Publish(pub.topic, empty.payload()))]
+
+
+def equivocating_worker(net, dev, pub):
+    """Two worker txs for its round, with two different published models, to two halves."""
+    if "/wtx/" not in pub.topic:
+        return [(None, pub)]
+    env = decode(pub.payload)
+    other = blob_of(np.full(DIM, 0.5, np.float32) + np.float32(env.round))
+    h = sha256_hex(other)
+    second = sign(net.keys[dev], dict(env.body, model=h))
+    a, b = _halves(net)
+    return [
+        (None, nd.Publish(topic(net.genesis.run, "blob", dev, h), other)),
+        (a, pub),
+        (b, nd.Publish(pub.topic, second.payload())),
+    ]
+
+
+def phantom_update(net, dev, pub):
+    """A worker tx whose blob is never published."""
+    return [] if "/blob/" in pub.topic else [(None, pub)]
+
+
+def junk_validator(net, dev, pub):
+    """Before its real validator tx: one naming a real worker tx 5 000 times (the reward
+    inflation attack) and one voting for a worker that does not exist."""
+    if "/vtx/" not in pub.topic:
+        return [(None, pub)]
+    env = decode(pub.payload)
+    ids = env.body["verified"] or ["ab" * 32]
+    inflated = sign(net.keys[dev], dict(env.body, verified=[ids[0]] * 5000))
+    ghost_vote = {"wtx": "cd" * 32, "worker": "ghost", "model": "cd" * 32, "positive": True, "local_bp": 0,
+                  "ref_bp": 0, "loss_milli": 0}  # fmt: skip
+    ghost = sign(net.keys[dev], dict(env.body, verified=sorted(set(env.body["verified"]) | {"cd" * 32}),
+                                     votes=sorted(env.body["votes"] + [ghost_vote], key=lambda v: v["worker"])))  # fmt: skip
+    return [(None, nd.Publish(pub.topic, inflated.payload())), (None, nd.Publish(pub.topic, ghost.payload())),
+            (None, pub)]  # fmt: skip
+
+
+def lying_head(net, dev, pub):
+    """With each head it publishes, a signed claim of the last height, which nobody has."""
+    if "/head/" not in pub.topic:
+        return [(None, pub)]
+    body = {"run": net.genesis.run, "kind": "head", "round": net.genesis.rounds, "sender": dev,
+            "height": net.genesis.rounds, "head": "ee" * 32}  # fmt: skip
+    return [(None, pub), (None, nd.Publish(pub.topic, sign(net.keys[dev], body).payload(), retain=True))]
+
+
+def blob_spam(net, dev, pub):
+    """Blobs with a correct SHA-256 that no transaction names."""
+    extra = [blob_of(np.random.default_rng(i).normal(size=DIM).astype(np.float32)) for i in range(5)]
+    return [(None, pub)] + [(None, nd.Publish(topic(net.genesis.run, "blob", dev, sha256_hex(b)), b)) for b in extra]
+
+
+BEHAVIOURS = {
+    "equivocating_miner": equivocating_miner,
+    "equivocating_worker": equivocating_worker,
+    "phantom_update": phantom_update,
+    "junk_validator": junk_validator,
+    "lying_head": lying_head,
+    "blob_spam": blob_spam,
+}
+
+
+def compose(*fns):
+    def run(net, dev, pub):
+        sends = [(None, pub)]
+        for fn in fns:
+            sends = [(d2 if d2 is not None else d1, p2) for d1, p in sends for d2, p2 in fn(net, dev, p)]
+        return sends
+
+    return run
+
+
+def run_with(behaviours, seed: int, byz: str, rounds: int = 4) -> SimNet:
+    net = SimNet(n=N, roles=ROLES, rounds=rounds, rng=np.random.default_rng(seed),
+                 byzantine={byz: compose(*(BEHAVIOURS[b] for b in behaviours))})  # fmt: skip
+    net.start()
+    net.run(max_steps=400_000)
+    return net
+
+
+def assert_one_honest_chain(net):
+    honest = [d for d in net.nodes if d not in net.byzantine]
+    heads = {net.nodes[d].state.head for d in honest}
+    assert len(heads) == 1, {d: net.nodes[d].state.height for d in honest}
+    chain = net.nodes[honest[0]].chain
+    assert len(chain) == net.genesis.rounds
+    assert ledger.replay(net.genesis, chain).head == chain[-1].id
+    for d in honest:  # what each device persisted is the chain it holds
+        assert [b.id for b in net.committed[d]] == [b.id for b in net.nodes[d].chain]
+    return chain
+
+
+ROLE_OF = {
+    "equivocating_miner": ROUND1.miners[0],
+    "equivocating_worker": ROUND1.workers[0],
+    "phantom_update": ROUND1.workers[0],
+    "junk_validator": ROUND1.validators[0],
+    "lying_head": ROUND1.validators[0],
+    "blob_spam": ROUND1.workers[0],
+}
+
+
+@pytest.mark.parametrize("behaviour", sorted(BEHAVIOURS))
+def test_each_byzantine_behaviour_alone(behaviour):
+    byz = ROLE_OF[behaviour]
+    net = run_with([behaviour], seed=1, byz=byz)
+    chain = assert_one_honest_chain(net)
+    state = ledger.replay(net.genesis, chain)
+    honest = [d for d in net.nodes if d != byz]
+    drops = sum((net.nodes[d].drops for d in honest), start=Counter())
+    # no inflation: a validator earns at most |W| verifications + |W| votes a round (Eq. 2)
+    w = net.genesis.roles[0]
+    assert all(v <= 2 * w * len(chain) for d, v in state.stakes.items() if d not in _workers_of(chain))
+    if behaviour in ("equivocating_miner", "equivocating_worker"):
+        # the evidence went into a block: slashed, blacklisted, never accepted again
+        assert byz in state.slashed and state.stake(byz) == 0 and byz in state.blacklist
+        assert any(e["a"]["body"]["sender"] == byz for b in chain for e in b.body["evidence"])
+    if behaviour == "equivocating_miner":  # the honest miner's block won round 1
+        assert chain[0].sender != byz
+    if behaviour == "phantom_update":  # its update never enters G_j; the others' do
+        assert byz in chain[0].body["rejected"] and len(chain[0].body["accepted"]) == w - 1
+    if behaviour == "junk_validator":  # both forged txs dropped, its real vote counted
+        assert drops["duplicate_id"] >= len(honest) and drops["vote_mismatch"] >= len(honest)
+        assert any(from_json(v).sender == byz for v in chain[0].body["vtxs"])
+    if behaviour == "lying_head":  # every honest device gave up on the claim, once per height
+        assert drops["bad_claim"] >= len(honest)
+    if behaviour == "blob_spam":  # held in memory at most one per sender, never stored
+        assert all(len(net.nodes[d].pending.get(byz, {})) <= nd.PENDING_BLOBS_PER_SENDER for d in honest)
+        assert drops["too_many_blobs"] >= len(honest)
+
+
+def _workers_of(chain):
+    return {raw["body"]["sender"] for b in chain for raw in b.body["wtxs"]}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_every_behaviour_at_once_in_random_delivery_orders(seed):
+    net = run_with(sorted(BEHAVIOURS), seed=seed, byz=BYZ)
+    chain = assert_one_honest_chain(net)
+    assert BYZ in ledger.replay(net.genesis, chain).slashed
+    honest = [d for d in net.nodes if d != BYZ]
+    # every honest device kept only blobs some transaction or block named
+    for d in honest:
+        assert not net.nodes[d].pending or all(len(v) <= nd.PENDING_BLOBS_PER_SENDER for v in net.nodes[d].pending.values())
