@@ -32,7 +32,7 @@ from typing import Iterator
 from edge_agent.ml import blobs as bl
 from edge_agent.ml.aggregators import aggregate_for_genesis
 from edge_agent.ml.arch import init_params
-from edge_agent.protocol.canonical import CanonicalError, parse
+from edge_agent.protocol.canonical import CanonicalError, canonical_bytes, parse
 from edge_agent.protocol.crypto import verify as verify_sig
 from edge_agent.protocol.genesis import Genesis, load_genesis
 from edge_agent.protocol.messages import Drop, Envelope, from_json
@@ -85,7 +85,7 @@ def _apply(genesis: Genesis, state, block: Envelope):
                 b = block.body
                 txs = [from_json(raw) for raw in b["wtxs"] + b["vtxs"]]
                 for tx in txs:
-                    if not verify_sig(genesis.pubkey(tx.sender) or "", _canonical(tx.body), tx.sig):
+                    if not verify_sig(genesis.pubkey(tx.sender) or "", canonical_bytes(tx.body), tx.sig):
                         why += f"; the {tx.kind} of {tx.sender} in it is not signed by {tx.sender}"
                 wtxs = [t for t in txs if t.kind == "wtx"]
                 vtxs = [t for t in txs if t.kind == "vtx"]
@@ -97,12 +97,6 @@ def _apply(genesis: Genesis, state, block: Envelope):
                 pass
         raise BlockError(why) from None
     return nxt, ledger.aggregation_inputs(block.body)
-
-
-def _canonical(body: dict) -> bytes:
-    from edge_agent.protocol.canonical import canonical_bytes
-
-    return canonical_bytes(body)
 
 
 # ---- reading the folder ----------------------------------------------------------------
@@ -148,45 +142,49 @@ def _read_chain(path: Path) -> tuple[list[Envelope], str | None]:
 
 
 class Blobs:
-    """Read-only view of the run's content-addressed stores (OUT/blobs first)."""
+    """Read-only view of the run's content-addressed stores: OUT/blobs, and an agent's own
+    ``blobs/`` folder if one is left (a run whose stores were not consolidated)."""
 
     def __init__(self, out: Path):
+        self.out = out
         self.roots = [out / "blobs"] + sorted(p for p in out.glob("agents/*/blobs") if p.is_dir())
-        self._status: dict[str, str | None] = {}
+        self._problem: dict[str, str | None] = {}
 
-    def read(self, h: str) -> bytes:
-        """The bytes of blob ``h``; raises _Unreadable (missing, or content not matching ``h``)."""
-        bad = None
+    def _scan(self, h: str) -> bytes | None:
+        """Read and hash every copy of blob ``h``; cache what is wrong (None: present and intact)
+        and return the bytes of an intact copy, if any."""
+        good, problem = None, None
         for root in self.roots:
+            path = bl.blob_path(root, h)
             try:
-                data = bl.blob_path(root, h).read_bytes()
+                data = path.read_bytes()
             except FileNotFoundError:
                 continue
-            except ValueError:
-                raise _Unreadable(f"{h!r} is not a SHA-256") from None
             except OSError as exc:
-                bad = f"cannot be read: {exc.strerror}"
+                problem = problem or f"cannot be read ({path.relative_to(self.out)}: {exc.strerror})"
                 continue
             got = bl.blob_hash(data)
             if got == h:
-                if bad is None:
-                    self._status[h] = None
-                    return data
-                continue
-            bad = f"is corrupt: its content hashes to {short(got)}, not to its name"
-        if bad is None:
-            bad = "is missing from " + ", ".join(str(r.name) for r in self.roots[:1])
-        self._status[h] = bad
-        raise _Unreadable(bad)
+                good = data if good is None else good
+            else:
+                problem = problem or f"is corrupt: {path.relative_to(self.out)} hashes to {short(got)}, not to its name"
+        if good is None and problem is None:
+            problem = "is missing from blobs/"
+        self._problem[h] = problem
+        return good
+
+    def read(self, h: str) -> bytes:
+        """The bytes of blob ``h``; raises _Unreadable if no copy is intact."""
+        data = self._scan(h)
+        if data is None:
+            raise _Unreadable(self._problem[h])
+        return data
 
     def problem(self, h: str) -> str | None:
-        """None if blob ``h`` is present and intact, else why not (cached)."""
-        if h not in self._status:
-            try:
-                self.read(h)
-            except _Unreadable:
-                pass
-        return self._status[h]
+        """None if every copy of blob ``h`` is intact (and there is one), else what is wrong."""
+        if h not in self._problem:
+            self._scan(h)
+        return self._problem[h]
 
 
 # ---- the verifier ----------------------------------------------------------------------
@@ -208,8 +206,6 @@ class Verifier:
     def __init__(self, out: Path, operator: str | None = None):
         self.out = Path(out)
         self.operator = operator
-        self.failed = 0
-        self.total = 0
         self._check_folder()
         self.blobs = Blobs(self.out)
 
@@ -227,8 +223,6 @@ class Verifier:
             raise NotARun(f"{out} has neither summary.json nor genesis.json: not the output folder of `bfl run`")
 
     def _check(self, ok: bool, text: str) -> Check:
-        self.total += 1
-        self.failed += not ok
         return Check(ok, text)
 
     def run(self) -> Iterator[Check]:
