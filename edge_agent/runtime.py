@@ -209,31 +209,20 @@ class Runtime:
         )
 
     def aggregate(self, a: nd.Aggregate) -> nd.AggregateDone:
-        """FedAvg of the inputs. An update that does not decode to finite parameters of the
-        architecture (e.g. a diverged baseline) is skipped -- the same rule on every device,
-        so every device still computes the same G_j; with none left, G_j = G_{j-1}."""
+        """G_j from the accepted updates by the genesis' rule (:func:`aggregate_for_genesis`,
+        also what ``bfl verify`` recomputes); with no usable update, G_j = G_{j-1}."""
+        from .ml.aggregators import aggregate_for_genesis
+
         missing = tuple(h for h, _ in a.inputs if not self.store.has(h))
         if missing:
             return nd.AggregateDone(a.key, None, missing)
         updates = []
         for h, n in a.inputs:
-            try:
-                updates.append((self._params(h), n))
-            except ValueError as exc:
-                log.warning("%s: FedAvg skips update %s: %s", self.me, h[:12], exc)
-        if not updates:
+            data = self.store.get(h)
+            if data is None:
+                raise RuntimeError(f"blob {h[:12]} not in the store")
+            updates.append((data, n))
+        g = aggregate_for_genesis(self.genesis.hp, self.arch, updates, warn=lambda m: log.warning("%s: %s", self.me, m))
+        if g is None:
             return nd.AggregateDone(a.key, a.base)
-        hp = self.genesis.hp
-        rule = hp.get("aggregator", "fedavg")
-        if rule == "fedavg":
-            g = bl.fedavg(updates)
-        else:
-            from .ml.aggregators import aggregate
-
-            kw = {"trim_ratio": hp.get("trim_ratio_bp", 1000) / 10000} if rule == "trimmed_mean" else {}
-            try:
-                g, _ = aggregate(rule, updates, n_malicious=hp.get("krum_f", 0), **kw)
-            except ValueError as exc:  # e.g. too few updates for Multi-Krum's f: fall back, same everywhere
-                log.warning("%s: %s not applicable (%s); using FedAvg", self.me, rule, exc)
-                g = bl.fedavg(updates)
         return nd.AggregateDone(a.key, self.store.put(bl.encode(g)))

@@ -308,6 +308,35 @@ def show(summary: Path = typer.Argument(..., help="A summary.json written by `bf
         typer.echo(f"round {r['round']:3d}  acc {r['accuracy']:6.2f}%  accepted {len(r['accepted'])}  rejected {r['rejected']}  winner {r['winner']}")
 
 
+@app.command()
+def verify(
+    out: Path = typer.Argument(..., help="The output folder of a finished `bfl run`."),
+    operator: Optional[str] = typer.Option(
+        None, help="The operator's public key (64 hex) the genesis must be signed with (default: the key it names)."
+    ),
+):
+    """Re-verify a finished run from disk alone: genesis, every agent's chain, G_j from the blobs.
+
+    One line per check (ok / FAIL), then a summary; exit 0 if every check passed, 1 if any
+    failed, 2 if OUT is not a run folder."""
+    from .verify import NotARun, verify_run
+
+    try:
+        checks = verify_run(out, operator)
+    except NotARun as exc:
+        fail(str(exc))
+        return
+    n = failed = 0
+    for c in checks:
+        typer.echo(c.line())
+        n += 1
+        failed += not c.ok
+    if failed:
+        typer.echo(f"FAILED: {failed} of {n} checks failed")
+        raise typer.Exit(1)
+    typer.echo(f"verified: all {n} checks passed")
+
+
 def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -239,3 +239,29 @@ def test_robust_aggregation_on_fashion_mnist(fmnist):
     print("accuracy_bp", acc)
     assert acc["fedavg"] < 2000, acc
     assert acc["multi_krum"] > 4000 and acc["median"] > 4000, acc
+
+
+def test_aggregate_for_genesis_is_the_devices_rule():
+    """G_j from blob bytes: FedAvg, a robust rule with its FedAvg fallback, undecodable updates
+    skipped, None when nothing is usable (G_j = G_{j-1})."""
+    from edge_agent.ml import blobs as bl
+
+    ups = [(arch.init_params("mlp", s), 10 * (s + 1)) for s in range(3)]
+    raw = [(bl.encode(p), n) for p, n in ups]
+    notes: list[str] = []
+    hp = {"aggregator": "fedavg"}
+    g = aggregators.aggregate_for_genesis(hp, "mlp", raw, notes.append)
+    assert bl.encode(g) == bl.encode(bl.fedavg(ups)) and notes == []
+    # an undecodable update is skipped, with a note naming its blob
+    bad = b"not a model"
+    g = aggregators.aggregate_for_genesis(hp, "mlp", [raw[0], (bad, 5), raw[2]], notes.append)
+    assert bl.encode(g) == bl.encode(bl.fedavg([ups[0], ups[2]]))
+    assert len(notes) == 1 and bl.blob_hash(bad)[:12] in notes[0]
+    assert aggregators.aggregate_for_genesis(hp, "mlp", [(bad, 5)]) is None
+    assert aggregators.aggregate_for_genesis(hp, "mlp", []) is None
+    # robust rules, and Multi-Krum falling back to FedAvg when n <= 2f + 2
+    g = aggregators.aggregate_for_genesis({"aggregator": "median"}, "mlp", raw)
+    assert bl.encode(g) == bl.encode(aggregators.coordinate_median(ups))
+    notes.clear()
+    g = aggregators.aggregate_for_genesis({"aggregator": "multi_krum", "krum_f": 1}, "mlp", raw, notes.append)
+    assert bl.encode(g) == bl.encode(bl.fedavg(ups)) and "multi_krum not applicable" in notes[0]

@@ -35,6 +35,7 @@ from .blobs import fedavg
 __all__ = [
     "AGGREGATORS",
     "aggregate",
+    "aggregate_for_genesis",
     "coordinate_median",
     "fedavg_weighted",
     "multi_krum",
@@ -161,3 +162,42 @@ def aggregate(name: str, updates: Updates, n_malicious: int = 0, **kw) -> tuple[
     if name == "multi_krum":
         return multi_krum(updates, n_malicious, **kw)
     return rule(updates, **kw), list(range(len(updates)))
+
+
+def aggregate_for_genesis(
+    hp: dict, arch: str, updates: list[tuple[bytes, int]], warn: Callable[[str], None] | None = None
+) -> Params | None:
+    """G_j as every device computes it: the one definition (``Runtime.aggregate``, ``bfl verify``).
+
+    ``updates`` are the accepted updates' blob bytes with their sample counts, in
+    ``ledger.aggregation_inputs`` order. An update that does not decode to finite parameters
+    of ``arch`` (e.g. a diverged baseline) is skipped -- the same rule on every device, so
+    every device still computes the same G_j. The genesis' ``hp.aggregator`` picks the rule:
+    FedAvg, or a robust rule that falls back to FedAvg when it does not apply (e.g. too few
+    updates for Multi-Krum's f). Returns None when no usable update is left: then
+    G_j = G_{j-1}. ``warn`` receives a one-line note for every skip or fallback.
+    """
+    from .blobs import blob_hash, decode
+
+    def note(msg: str) -> None:
+        if warn is not None:
+            warn(msg)
+
+    usable: Updates = []
+    for data, n in updates:
+        try:
+            usable.append((decode(data, arch), n))
+        except ValueError as exc:
+            note(f"FedAvg skips update {blob_hash(data)[:12]}: {exc}")
+    if not usable:
+        return None
+    rule = hp.get("aggregator", "fedavg")
+    if rule == "fedavg":
+        return fedavg(usable)
+    kw = {"trim_ratio": hp.get("trim_ratio_bp", 1000) / 10000} if rule == "trimmed_mean" else {}
+    try:
+        g, _ = aggregate(rule, usable, n_malicious=hp.get("krum_f", 0), **kw)
+    except ValueError as exc:  # not applicable: fall back, the same on every device
+        note(f"{rule} not applicable ({exc}); using FedAvg")
+        g = fedavg(usable)
+    return g

@@ -22,7 +22,7 @@ import safetensors.numpy
 
 from .arch import check_params
 
-__all__ = ["BlobStore", "blob_hash", "decode", "encode", "fedavg"]
+__all__ = ["BlobStore", "blob_hash", "blob_path", "decode", "encode", "fedavg"]
 
 _HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -81,6 +81,11 @@ def _check_hash(h: str) -> str:
     return h
 
 
+def blob_path(root: str | Path, h: str) -> Path:
+    """Where a :class:`BlobStore` rooted at ``root`` keeps blob ``h`` (no directory is created)."""
+    return Path(root) / _check_hash(h)[:2] / f"{h}.safetensors"
+
+
 class BlobStore:
     """Content-addressed blob files ``root/<hh>/<hash>.safetensors``; thread-safe, crash-safe.
 
@@ -95,8 +100,7 @@ class BlobStore:
         self._lock = threading.Lock()
 
     def path(self, h: str) -> Path:
-        _check_hash(h)
-        return self.root / h[:2] / f"{h}.safetensors"
+        return blob_path(self.root, h)
 
     def has(self, h: str) -> bool:
         return self.path(h).is_file()
