@@ -75,11 +75,11 @@ def _apply(genesis: Genesis, state, block: Envelope):
     if state is None:
         state = ledger.genesis_state(genesis)
     try:
-        nxt = ledger.process_block(genesis, state, block)
+        nxt, outcome = ledger.process_block(genesis, state, block)
     except ledger.InvalidBlock as exc:
         why = str(exc)
         miner = block.body.get("sender")
-        if why.startswith("bad_signature: block"):
+        if exc.reason == "bad_signature" and exc.detail.startswith("block"):
             why = f"the signature of its miner {miner} does not verify"
             try:
                 b = block.body
@@ -96,7 +96,7 @@ def _apply(genesis: Genesis, state, block: Envelope):
             except Exception:  # noqa: BLE001 -- a diagnosis only; the block fails anyway
                 pass
         raise BlockError(why) from None
-    return nxt, ledger.aggregation_inputs(block.body)
+    return nxt, list(outcome.inputs)
 
 
 # ---- reading the folder ----------------------------------------------------------------
