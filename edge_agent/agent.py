@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .byzantine import invert_votes
-from .metrics import stop_serving
+from .metrics import stop_serving, topic_kind
 from .ml.blobs import BlobStore
 from .protocol import node as nd
 from .protocol.crypto import KeyPair
@@ -231,6 +231,7 @@ class Agent:
             *(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "evidence"))
         )
         self.store = ChainStore(self.workdir / "runs", genesis.run)
+        resumed = self.store.load_genesis() is not None  # joined this run before: a restart
         self.store.save_genesis(genesis.env)
         blocks = self.store.load_blocks()
         self.runtime = Runtime(genesis, self.me, self.blobs, self.data_dir, self.threads)
@@ -238,7 +239,7 @@ class Agent:
         self.runtime.ensure_initial_model()
         _ = self.runtime.data  # load the shard now: a missing dataset fails at join, loudly
         try:
-            self.node = nd.Node(self.me, self.key, genesis, blocks, have_blob=self.blobs.has)
+            self.node = nd.Node(self.me, self.key, genesis, blocks, have_blob=self.blobs.has, signed=self.store.load_signed(), resumed=resumed)
         except Exception as exc:  # a corrupt local chain: start over from the genesis
             log.error("%s: local chain unusable (%s); starting from genesis", self.me, exc)
             self.store.rewrite([])
@@ -292,6 +293,8 @@ class Agent:
             actions = [invert_votes(self.node.genesis, self.key, a) for a in actions]
         for a in actions:
             if isinstance(a, nd.Publish):
+                if topic_kind(a.topic) in ("wtx", "vtx", "block"):
+                    self.store.save_signed(a.payload)  # before it leaves: see ChainStore.save_signed
                 self.mqtt.publish(a.topic, a.payload, retain=a.retain)
                 if self.metrics is not None:
                     self.metrics.published(a.topic, a.payload)

@@ -24,6 +24,7 @@ class ChainStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.genesis_path = self.dir / "genesis.json"
         self.chain_path = self.dir / "chain.jsonl"
+        self.own_path = self.dir / "signed.jsonl"
 
     def save_genesis(self, env: Envelope) -> None:
         tmp = self.genesis_path.with_suffix(".tmp")
@@ -62,6 +63,26 @@ class ChainStore:
                     break
                 raise
         return blocks
+
+    def save_signed(self, payload: bytes) -> None:
+        """Record a transaction or block this device signed, before it is published: after a
+        restart the device re-publishes it rather than signing a second, different one for
+        the same slot, which peers would take for equivocation and slash."""
+        with open(self.own_path, "ab") as f:
+            f.write(payload + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def load_signed(self) -> list[Envelope]:
+        if not self.own_path.exists():
+            return []
+        out = []
+        for line in self.own_path.read_bytes().split(b"\n"):
+            try:
+                out.append(from_json(parse(line)))
+            except (CanonicalError, Drop):
+                continue  # a torn last write: that message was never published
+        return out
 
     def rewrite(self, blocks: list[Envelope]) -> None:
         """Replace the log with ``blocks`` (after a torn write or an invalid block)."""

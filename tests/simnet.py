@@ -16,7 +16,7 @@ from safetensors.numpy import save as st_save
 from edge_agent.protocol import node as nd
 from edge_agent.protocol.crypto import KeyPair, sha256_hex
 from edge_agent.protocol.genesis import Genesis, make_genesis_body
-from edge_agent.protocol.messages import sign, topic
+from edge_agent.protocol.messages import decode, sign, topic
 
 DIM = 16
 TARGET = np.linspace(-1, 1, DIM).astype(np.float32)
@@ -75,6 +75,7 @@ class SimNet:
         self.published: list[nd.Publish] = []
         self.committed: dict[str, list] = {d: [] for d in self.nodes}
         self.deleted: dict[str, set] = {d: set() for d in self.nodes}
+        self.signed: dict[str, list] = {d: [] for d in self.nodes}
         self.reports: list = []
         self.tamper = None  # optional fn(Publish) -> Publish | None
         self.retained: dict[str, bytes] = {}
@@ -94,6 +95,8 @@ class SimNet:
                     a = self.tamper(dev, a)
                     if a is None:
                         continue
+                if any(f"/{k}/" in a.topic for k in ("wtx", "vtx", "block")):
+                    self.signed[dev].append(decode(a.payload))  # the agent's log of what it signed
                 sends = self.byzantine[dev](self, dev, a) if dev in self.byzantine else [(None, a)]
                 for dests, pub in sends:
                     self.send(pub, dests)
@@ -144,6 +147,15 @@ class SimNet:
         for other in self.nodes if dests is None else dests:
             if other not in self.silent and not (self.lose and self.lose(other, pub)):
                 self.queue.append((other, nd.Received(pub.topic, pub.payload)))
+
+    def restart(self, dev):
+        """The device's process died and starts again: a new Node from what it persisted (its
+        chain and the messages it signed), then the broker's retained messages."""
+        old = self.nodes[dev]
+        self.nodes[dev] = nd.Node(dev, old.key, self.genesis, list(self.committed[dev]),
+                                  have_blob=self.blobs.__contains__, signed=self.signed[dev], resumed=True)  # fmt: skip
+        self.queue = type(self.queue)((d, ev) for d, ev in self.queue if d != dev)  # in flight to the dead process
+        self.revive(dev)
 
     def revive(self, dev):
         """A device that was down comes up: it starts from its chain and gets retained state."""

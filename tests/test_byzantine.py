@@ -195,3 +195,43 @@ def test_every_behaviour_at_once_in_random_delivery_orders(seed):
     # every honest device kept only blobs some transaction or block named
     for d in honest:
         assert not net.nodes[d].pending or all(len(v) <= nd.PENDING_BLOBS_PER_SENDER for v in net.nodes[d].pending.values())
+
+
+def test_validator_and_miner_restarted_mid_round_cost_at_most_a_deadline():
+    """Both crash once the round's worker txs are out and come back: they pull the txs they
+    missed, the round completes well before its deadlines and keeps every honest update.
+    A restarted device never signs a second message for a slot (it re-publishes its own)."""
+    net = SimNet(n=8, roles=(4, 2, 2), rounds=2)
+    roles = ledger.roles_for(net.genesis, ledger.genesis_state(net.genesis))
+    victims = (roles.validators[0], roles.miners[0])
+    net.start()
+    net.run(until=lambda: all(any(f"/wtx/{w}" in p.topic for p in net.published) for w in roles.workers))
+    net.silent |= set(victims)
+    net.run(until=lambda: net.now >= 2)
+    for v in victims:
+        net.restart(v)
+    net.run()
+    chain = assert_one_honest_chain_all(net)
+    assert len(chain[0].body["accepted"]) == len(roles.workers)
+    assert {from_json(v).sender for v in chain[0].body["vtxs"]} == set(roles.validators)
+    assert net.now < net.genesis.deadlines["train"] / 1000  # not a single deadline waited
+    assert not any(ledger.replay(net.genesis, chain).slashed)
+
+
+def test_restarted_worker_republishes_instead_of_signing_again():
+    net = SimNet(n=8, roles=(4, 2, 2), rounds=1)
+    worker = ledger.roles_for(net.genesis, ledger.genesis_state(net.genesis)).workers[0]
+    net.start()
+    net.run(until=lambda: any(f"/wtx/{worker}" in p.topic for p in net.published))
+    net.silent.add(worker)
+    net.restart(worker)
+    net.run()
+    chain = assert_one_honest_chain_all(net)
+    assert worker in chain[0].body["accepted"] and not chain[0].body["evidence"]
+    assert len({e.id for e in net.signed[worker] if e.kind == "wtx"}) == 1
+
+
+def assert_one_honest_chain_all(net):
+    heads = {n.state.head for n in net.nodes.values()}
+    assert len(heads) == 1
+    return net.nodes[sorted(net.nodes)[0]].chain

@@ -37,7 +37,7 @@ class MeteredNet(SimNet):
             elif isinstance(a, nd.CommitBlock):
                 m.committed(a.block, a.state, self.now)
         super()._do(dev, actions)
-        m.update(self.nodes[dev], self.now)
+        m.update(self.nodes[dev], {"name": "gaussian"} if dev in self.malicious else None, self.now)
 
     def deliver(self, dev, event):
         if isinstance(event, nd.GlobalEvaluated):

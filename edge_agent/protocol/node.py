@@ -277,6 +277,8 @@ class Node:
         *,
         max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
         have_blob=lambda h: False,
+        signed: list[Envelope] = (),
+        resumed: bool = False,
     ):
         if genesis.pubkey(me) != key.public_hex:
             raise ValueError(f"{me}: key does not match the genesis entry")
@@ -319,6 +321,10 @@ class Node:
         self.distrusted: dict[str, int] = {}  # peer -> our height when its claim failed
         self.sync_target: str | None = None
         self.next_pull = 0.0
+        # what this device signed before a restart (the shell's log): re-published, never re-signed
+        self.signed: dict[tuple, Envelope] = {slot(e): e for e in signed if e.sender == me}
+        self.slots.update(self.signed)
+        self.resumed = resumed  # the process restarted: the round may have begun without us
 
     @property
     def state(self) -> State:
@@ -372,6 +378,9 @@ class Node:
         j = self.state.height + 1
         self.ctx = RoundCtx(round=j, roles=roles_for(self.genesis, self.state), started=now)
         self.ctx.catching_up = self._network_moved_on(j)
+        if self.resumed:  # restarted mid-run: ask for the round's txs we may have missed
+            self.resumed = False
+            self.ctx.wtx_pull_at = now + WTX_PULL_S
         self.round_blobs = set()
         acts: list = []
         pending = self.future.pop(j, [])
@@ -528,12 +537,13 @@ class Node:
         return acts
 
     def _fetch_named_txs(self, vtx: Envelope, now: float) -> list:
-        """A miner asks a validator for the worker txs its vote names and the miner lacks (an
-        equivocating worker may have sent each half of the network a different one): without
-        them that validator's votes could not enter the block."""
+        """A miner (or a validator still collecting) asks a validator for the worker txs its
+        vote names and this device lacks: an equivocating worker may have sent each half of
+        the network a different one, or this device restarted after they were published.
+        Without them a miner could not put that validator's votes in its block."""
         ctx = self.ctx
         assert ctx is not None
-        if not ctx.roles.is_miner(self.me) or ctx.miner is not MinerPhase.COLLECTING:
+        if not self._waiting_for_updates(ctx):
             return []
         unknown = sorted(set(vtx.body["verified"]) - set(ctx.wtxs) - ctx.asked)
         if not unknown:
@@ -803,7 +813,19 @@ class Node:
         ctx = self.ctx
         assert ctx is not None and ctx.roles.is_worker(self.me) and ctx.worker is WorkerPhase.IDLE
         ctx.worker = WorkerPhase.TRAINING
+        before = self._signed_before("wtx")
+        if before is not None:  # signed before a restart: publish that one again
+            ctx.worker = WorkerPhase.SUBMITTED
+            ctx.wtxs[before.id] = self.my_wtx = before
+            self.own_blobs.add(before.body["model"])
+            if self.have_blob(before.body["model"]):
+                self.blobs.add(before.body["model"])
+            return [Publish(topic(self.run, "wtx", self.me), before.payload()), BlobRequestAnswer(before.body["model"])]
         return [Train(ctx.round, self.state.global_model, _seed(self.run, self.me, ctx.round))]
+
+    def _signed_before(self, kind: str) -> Envelope | None:
+        """Our own message of this kind for the current slot, signed before a restart."""
+        return self.signed.get((self.me, kind, self.state.height + 1, self.state.head))
 
     def _training_done(self, ev: TrainingDone, now: float) -> list:
         ctx = self.ctx
@@ -833,6 +855,11 @@ class Node:
         worker's tx and blob in or the train deadline passed."""
         ctx = self.ctx
         assert ctx is not None and ctx.roles.is_validator(self.me) and ctx.validator is ValidatorPhase.COLLECTING
+        before = self._signed_before("vtx")
+        if before is not None:
+            ctx.validator = ValidatorPhase.VOTED
+            ctx.vtxs[self.me] = self.my_vtx = before
+            return [Publish(topic(self.run, "vtx", self.me), before.payload())]
         models = tuple(sorted(ctx.models() & self.blobs))
         if not models:
             return self._publish_vtx(EvaluationDone(ctx.round, 0, None, {}))
@@ -871,6 +898,11 @@ class Node:
         assert ctx is not None and ctx.roles.is_miner(self.me) and ctx.miner is MinerPhase.COLLECTING
         ctx.miner = MinerPhase.AGGREGATING
         ctx.mine_tries += 1
+        before = self._signed_before("block")
+        if before is not None:
+            ctx.miner = MinerPhase.PROPOSED
+            self.candidates.setdefault(ctx.round, {})[before.id] = before
+            return [Publish(topic(self.run, "block", self.me), before.payload())]
         evidence = [item for d, item in sorted(self.evidence.items()) if d not in self.state.slashed]
         wtxs = _one_per_worker(list(ctx.wtxs.values()), {d for d in self.evidence if d not in self.state.slashed})
         wtxs, vtxs = select_for_block(self.genesis, self.state, wtxs, list(ctx.vtxs.values()))
