@@ -235,3 +235,68 @@ def assert_one_honest_chain_all(net):
     heads = {n.state.head for n in net.nodes.values()}
     assert len(heads) == 1
     return net.nodes[sorted(net.nodes)[0]].chain
+
+
+def _round1_candidates(net):
+    blocks = {e.id: e for e in (decode(p.payload) for p in net.published if "/block/" in p.topic) if e.round == 1}
+    return sorted(blocks.values(), key=lambda e: e.id)
+
+
+def test_a_better_candidate_that_arrives_late_reorganises():
+    """One device gets the fork-choice winner of round 1 only after it has appended the
+    other miner's block: it rolls back, appends the winner, and ends with the same chain,
+    stakes and G_j as everyone (from the winner itself, or from its peers' heads)."""
+    net = SimNet(n=8, roles=(4, 2, 2), rounds=3)
+    late = "d05"
+    cut_off = {"/head/", "/chain/", "/block/"}  # no block of round 1, nor a hint of one
+    lose = lambda dest, pub: dest == late and any(k in pub.topic for k in cut_off)  # noqa: E731
+    net.lose = lose
+    net.start()
+    net.run(until=lambda: len(_round1_candidates(net)) == 2)
+    winner, loser = ledger.fork_choice_order(ledger.genesis_state(net.genesis), _round1_candidates(net))
+    net.lose = None
+    net.send(nd.Publish(ledger_topic(net, loser), loser.payload()), [late])
+    net.lose = lose
+    net.run(until=lambda: net.nodes[late].state.height >= 1)
+    assert net.nodes[late].chain[0].id == loser.id
+    net.lose = None
+    net.send(nd.Publish(ledger_topic(net, winner), winner.payload()), [late])
+    for t, payload in net.retained.items():  # the heads it missed, delayed rather than lost
+        net.queue.append((late, nd.Received(t, payload)))
+    net.run()
+    assert net.nodes[late].reorgs == 1
+    chain = assert_one_honest_chain_all(net)
+    assert chain[0].id == winner.id
+    assert net.nodes[late].state == ledger.replay(net.genesis, chain)
+    assert [b.id for b in net.committed[late]] == [b.id for b in chain]
+
+
+def ledger_topic(net, env):
+    return topic(net.genesis.run, env.kind, env.sender)
+
+
+def test_chain_answers_from_a_lying_peer_cannot_split_the_network():
+    """A device that was down catches up from a byzantine peer that answers every pull with
+    the round-1 candidate the network did not choose (validly signed by its miner): the
+    device notices the fork from its peers' heads and pulls, and reorganises to the chain
+    every honest device has."""
+    net = SimNet(n=8, roles=(4, 2, 2), rounds=4)
+    late, liar = "d07", "d00"
+    net.silent = {late}
+    net.start()
+    net.run(until=lambda: min(n.state.height for d, n in net.nodes.items() if d != late) >= 2)
+    chosen = net.nodes["d01"].chain[0]
+    loser = next(c for c in _round1_candidates(net) if c.id != chosen.id)
+
+    def lie(net_, dev, pub):
+        if "/chain/" not in pub.topic:
+            return [(None, pub)]
+        env = decode(pub.payload)
+        blocks = [loser.to_json() if b["body"]["height"] == 1 else b for b in env.body["blocks"]]
+        return [(None, nd.Publish(pub.topic, sign(net_.keys[dev], dict(env.body, blocks=blocks)).payload()))]
+
+    net.byzantine[liar] = lie
+    net.revive(late)
+    net.run()
+    heads = {d: n.state.head for d, n in net.nodes.items() if d != liar}
+    assert len(set(heads.values())) == 1 and net.nodes[late].chain[0].id == chosen.id

@@ -321,6 +321,7 @@ class Node:
         self.distrusted: dict[str, int] = {}  # peer -> our height when its claim failed
         self.sync_target: str | None = None
         self.next_pull = 0.0
+        self.pull_from: int | None = None  # set when a peer's chain forks below our head
         # what this device signed before a restart (the shell's log): re-published, never re-signed
         self.signed: dict[tuple, Envelope] = {slot(e): e for e in signed if e.sender == me}
         self.slots.update(self.signed)
@@ -708,6 +709,9 @@ class Node:
         self.sync_target = max(sorted(claims), key=lambda d: claims[d])
         log.info("%s: behind at height %d; pulling blocks from %s", self.me, self.state.height, self.sync_target)
         h = self.state.height + 1
+        if self.pull_from is not None and self.pull_from > self.state.height - REORG_DEPTH:
+            h = self.pull_from
+        self.pull_from = None
         return [self._sync_request(h, now, ("pull",), target=self.sync_target, from_height=h, blobs=[])]
 
     def _sync_request(self, round_: int, now: float, tag: tuple, **fields) -> Publish:
@@ -794,6 +798,7 @@ class Node:
                 self.drops[exc.reason] += 1
         got = False
         for raw in blocks:
+            blk = None
             try:
                 blk = from_json(raw)
                 if blk.kind != "block":
@@ -802,6 +807,9 @@ class Node:
                 got = True
             except Drop as exc:
                 self.drops[exc.reason] += 1
+                if exc.reason == "wrong_prev" and blk is not None and blk.body.get("height") == self.state.height + 1 >= 2:
+                    # the peer's chain forks below our head: next time pull from our height
+                    self.pull_from = self.state.height
         if got and env.sender in self.claim_since:
             self.claim_since[env.sender] = now  # the claimer delivers: keep its claim alive
         return acts
