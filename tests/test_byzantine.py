@@ -185,9 +185,21 @@ def _workers_of(chain):
     return {raw["body"]["sender"] for b in chain for raw in b.body["wtxs"]}
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1))
 def test_every_behaviour_at_once_in_random_delivery_orders(seed):
+    check_every_behaviour_at_once(seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_every_behaviour_at_once_in_many_more_orders(seed):
+    """The same, exploring new orders on every run (the default suite's is fixed)."""
+    check_every_behaviour_at_once(seed)
+
+
+def check_every_behaviour_at_once(seed):
     net = run_with(sorted(BEHAVIOURS), seed=seed, byz=BYZ)
     chain = assert_one_honest_chain(net)
     assert BYZ in ledger.replay(net.genesis, chain).slashed

@@ -569,11 +569,12 @@ def process_worker_txs(
         process_worker_tx(genesis, state, roles, tx)
     ids = [t.id for t in wtxs]
     senders = [t.sender for t in wtxs]
-    # Verify that each worker has one transaction in the block, or the two this block's
-    # evidence shows it signed for the round; in (worker, id) order
+    # Verify that each worker has one transaction in the block, or two when this block's
+    # evidence slashes it (it signed two for the round, or equivocated otherwise); in
+    # (worker, id) order
     verify(len(set(ids)) == len(ids), "duplicate_id", "one worker tx twice")
     for dev in {d for d in senders if senders.count(d) > 1}:
-        verify({t.id for t in wtxs if t.sender == dev} == evidence.get(dev), "duplicate_sender", dev)
+        verify(senders.count(dev) == 2 and dev in evidence, "duplicate_sender", dev)
     verify([(t.sender, t.id) for t in wtxs] == sorted((t.sender, t.id) for t in wtxs), "not_canonical", "worker txs")
     return {t.id: t for t in wtxs}
 
@@ -600,7 +601,8 @@ def process_outcome(
     genesis: Genesis, state: State, block: Envelope, wtxs: dict[str, Envelope], vtxs: list[Envelope],
     evidence: dict[str, set[str]],
 ) -> Outcome:
-    doubled = frozenset(d for d, ids in evidence.items() if ids and ids <= set(wtxs))
+    senders = [w.sender for w in wtxs.values()]
+    doubled = frozenset(d for d in senders if senders.count(d) > 1)
     out = tally(genesis, state, block.sender, list(wtxs.values()), vtxs, doubled)
     # Verify that the accepted, rejected and knocked-out devices are those the votes give
     for key in ("accepted", "rejected", "blacklisted"):

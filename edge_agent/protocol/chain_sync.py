@@ -1,0 +1,257 @@
+"""Chain sync: candidate blocks (gossiped or pulled), peers' head claims, pull requests and
+their answers. A head claim is a hint: a peer whose claimed blocks do not come within
+SYNC_GIVEUP_S loses its claim; every pulled block or transaction passes the same rules as a
+gossiped one; a peer's head that differs from ours below our head is fetched (it may be
+the better candidate, or the other block of an equivocating miner)."""
+
+from __future__ import annotations
+
+import logging
+
+from .ledger import (
+    roles_for,
+)
+from .messages import Drop, Envelope, check_signature, from_json, sign, topic, valid_hash
+from .round import (
+    PULL_BATCH,
+    REORG_DEPTH,
+    SYNC_GIVEUP_S,
+    SYNC_RETRY_S,
+    WTX_PULL_S,
+    BlobRequestAnswer,
+    Publish,
+    Received,
+    seed_of,
+)
+
+log = logging.getLogger("bfl.node")
+
+
+class ChainSync:
+    """Steps of ``Node`` (node.py): they read and change the node's state."""
+
+    def behind(self) -> bool:
+        """A trusted peer claims a block we do not have (a hint, see ``_sync_step``)."""
+        return bool(self._claims())
+
+    def _network_moved_on(self, j: int) -> bool:
+        """We hold a candidate for round j that some block of round j+1 builds on, or that we
+        pulled from a peer that has appended it: deciding now cannot wait for a deadline."""
+        ids = set(self.candidates.get(j, {}))
+        return bool(ids & self.pulled) or any(
+            b.body.get("prev") in ids for b in self.candidates.get(j + 1, {}).values()
+        )
+
+    def _on_block(self, env: Envelope, now: float, pulled_from: str | None) -> list:
+        """A candidate block, gossiped or pulled. Kept when signed by a miner of its round and
+        linked to our chain (a pulled one also to a block we hold); every rule is checked
+        when it is decided (``enter_decide``), whatever way it came."""
+        h = env.body.get("height")
+        if not isinstance(h, int) or isinstance(h, bool) or not 1 <= h <= self.genesis.rounds or env.round != h:
+            raise Drop("malformed", "block.height")
+        head_h = self.state.height
+        if h <= head_h - REORG_DEPTH:
+            raise Drop("stale_round", f"block for height {h}")
+        if h <= head_h + 1:
+            parent = self.states[h - 1]
+            if env.body.get("prev") != parent.head:
+                raise Drop("wrong_prev", f"block from {env.sender}")
+            if env.sender not in roles_for(self.genesis, parent).miners:
+                raise Drop("wrong_role", f"{env.sender} is not a miner of round {h}")
+        elif pulled_from is None:
+            return self._buffer(Received(topic(self.run, "block", env.sender), env.payload()), env)
+        elif h > head_h + 4 * PULL_BATCH or env.body.get("prev") not in self.candidates.get(h - 1, {}):
+            raise Drop("wrong_prev", f"pulled block {h} does not link to a block we hold")
+        check_signature(env, self.genesis.pubkey(env.sender))
+        self.seen.add(env.id)
+        held = self.candidates.setdefault(h, {})
+        if env.id in held:
+            return []
+        if sum(1 for c in held.values() if c.sender == env.sender) >= 2:
+            raise Drop("equivocation", f"third block from {env.sender}")
+        held[env.id] = env
+        if pulled_from is not None and self.peer_heights.get(pulled_from, 0) >= h:
+            self.pulled.add(env.id)  # its sender has appended it: the network moved on
+        acts = self._note_slot(env, now)
+        if h <= head_h:
+            acts += self._reconsider(h, now)
+        elif self.ctx is not None and self._network_moved_on(self.ctx.round):
+            self.ctx.catching_up = True
+        return acts
+
+    def _on_head(self, env: Envelope, now: float) -> list:
+        check_signature(env, self.genesis.pubkey(env.sender))
+        height, head = env.body.get("height"), env.body.get("head")
+        if not isinstance(height, int) or height < 0 or height > self.genesis.rounds or not valid_hash(head):
+            raise Drop("malformed", "head")
+        mine = self.states[height].head if height <= self.state.height else None
+        if height > self.state.height and self.distrusted.get(env.sender) != self.state.height:
+            if self.peer_heights.get(env.sender, -1) < height:
+                self.peer_heights[env.sender] = height
+                self.claim_since.setdefault(env.sender, now)
+        elif mine is not None and head != mine and height > self.state.height - REORG_DEPTH and height >= 1:
+            # a peer's head differs from ours at that height: fetch its block (it may be the
+            # better candidate, or the second block of an equivocating miner)
+            known = any(c.id == head for c in self.candidates.get(height, {}).values())
+            if not known:
+                return [
+                    self._sync_request(
+                        height, now, ("fork", env.sender), target=env.sender, from_height=height, blobs=[]
+                    )
+                ]
+        return []
+
+    def _claims(self) -> dict[str, int]:
+        return {d: h for d, h in self.peer_heights.items() if h > self.state.height}
+
+    def _sync_step(self, now: float) -> list:
+        """Pull from the most advanced trusted claimer; a claim whose blocks do not come
+        within SYNC_GIVEUP_S is dropped and its peer distrusted until our height moves."""
+        claims = self._claims()
+        for d in [d for d in self.peer_heights if d not in claims]:
+            self.peer_heights.pop(d)
+            self.claim_since.pop(d, None)
+        for d in [d for d in claims if now - self.claim_since.get(d, now) > SYNC_GIVEUP_S]:
+            log.warning("%s: %s claimed height %d but sent no block; ignoring its claim", self.me, d, claims.pop(d))
+            self.peer_heights.pop(d)
+            self.claim_since.pop(d, None)
+            self.distrusted[d] = self.state.height
+            self.drops["bad_claim"] += 1
+        if not claims or now < self.next_pull:
+            return []
+        self.next_pull = now + SYNC_RETRY_S
+        self.sync_target = max(sorted(claims), key=lambda d: claims[d])
+        log.info("%s: behind at height %d; pulling blocks from %s", self.me, self.state.height, self.sync_target)
+        h = self.state.height + 1
+        if self.pull_from is not None and self.pull_from > self.state.height - REORG_DEPTH:
+            h = self.pull_from
+        self.pull_from = None
+        return [self._sync_request(h, now, ("pull",), target=self.sync_target, from_height=h, blobs=[])]
+
+    def _sync_request(self, round_: int, now: float, tag: tuple, **fields) -> Publish:
+        """A signed pull request (missing txs, blocks or blobs) on our sync topic."""
+        body = {"run": self.run, "kind": "sync", "round": round_, "sender": self.me, **fields}
+        body["nonce"] = seed_of(now, self.me, *tag)
+        req = sign(self.key, body)
+        self.seen.add(req.id)
+        return Publish(topic(self.run, "sync", self.me), req.payload())
+
+    def _pull_updates(self, now: float) -> list:
+        """Ask workers (and, for a miner, validators) whose tx or blob has not arrived to
+        publish them again: a message can be lost, or this device restarted mid-round."""
+        ctx = self.ctx
+        assert ctx is not None
+        ctx.wtx_pull_at = now + WTX_PULL_S
+        missing = sorted(set(ctx.roles.workers) - ctx.workers_in())
+        vtx_of = sorted(set(ctx.roles.validators) - set(ctx.vtxs)) if ctx.roles.is_miner(self.me) else []
+        blobs = sorted(ctx.models() - self.blobs)
+        if not missing and not blobs and not vtx_of:
+            return []
+        log.info(
+            "%s: round %d: asking %d peer(s) to re-publish", self.me, ctx.round, len(missing) + len(blobs) + len(vtx_of)
+        )
+        return [self._sync_request(ctx.round, now, ("wtx",), wtx_of=missing, vtx_of=vtx_of, blobs=blobs[:64])]
+
+    def _fetch_named_txs(self, vtx: Envelope, now: float) -> list:
+        """A miner (or a validator still collecting) asks a validator for the worker txs its
+        vote names and this device lacks: an equivocating worker may have sent each half of
+        the network a different one, or this device restarted after they were published.
+        Without them a miner could not put that validator's votes in its block."""
+        ctx = self.ctx
+        assert ctx is not None
+        if not self._waiting_for_updates(ctx):
+            return []
+        unknown = sorted(set(vtx.body["verified"]) - set(ctx.wtxs) - ctx.asked)
+        if not unknown:
+            return []
+        ctx.asked |= set(unknown)
+        return [
+            self._sync_request(ctx.round, now, ("txs", vtx.sender), target=vtx.sender, tx_ids=unknown[:64], blobs=[])
+        ]
+
+    def _on_sync(self, env: Envelope, now: float) -> list:
+        check_signature(env, self.genesis.pubkey(env.sender))
+        self.seen.add(env.id)
+        b = env.body
+        hashes, wtx_of, vtx_of, tx_ids = (
+            b.get("blobs", []),
+            b.get("wtx_of", []),
+            b.get("vtx_of", []),
+            b.get("tx_ids", []),
+        )
+        for name, value in (("blobs", hashes), ("wtx_of", wtx_of), ("vtx_of", vtx_of), ("tx_ids", tx_ids)):
+            if not isinstance(value, list) or len(value) > 64 or not all(isinstance(x, str) for x in value):
+                raise Drop("malformed", f"sync.{name}")
+        if not all(valid_hash(h) for h in hashes):
+            raise Drop("malformed", "sync.blobs")
+        targeted = b.get("target") == self.me
+        acts: list = []
+        ctx = self.ctx
+        current = ctx is not None and env.round == ctx.round
+        for mine, asked in ((self.my_wtx, wtx_of), (self.my_vtx, vtx_of)):
+            if self.me in asked and mine is not None and current and mine.round == ctx.round:
+                # our tx was missed: publish it again (receivers dedupe by id)
+                acts.append(Publish(topic(self.run, mine.kind, self.me), mine.payload()))
+                if mine.kind == "wtx":
+                    acts.append(BlobRequestAnswer(mine.body["model"]))
+        # Only a blob's author, or the peer named as target, answers: no N-fold fan-out.
+        acts += [BlobRequestAnswer(h) for h in hashes if h in self.own_blobs or (targeted and self.have_blob(h))]
+        held = [ctx.wtxs[t] for t in tx_ids if current and t in ctx.wtxs] if targeted else []
+        if held:
+            body = {"run": self.run, "kind": "chain", "round": ctx.round, "sender": self.me, "to": env.sender,
+                    "blocks": [], "txs": [t.to_json() for t in held]}  # fmt: skip
+            acts.append(Publish(topic(self.run, "chain", self.me), sign(self.key, body).payload()))
+        start = b.get("from_height")
+        if targeted and isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= len(self.chain):
+            blocks = self.chain[start - 1 : start - 1 + PULL_BATCH]
+            body = {
+                "run": self.run,
+                "kind": "chain",
+                "round": start,
+                "sender": self.me,
+                "to": env.sender,
+                "blocks": [blk.to_json() for blk in blocks],
+            }
+            acts.append(Publish(topic(self.run, "chain", self.me), sign(self.key, body).payload()))
+        return acts
+
+    def _on_chain(self, env: Envelope, now: float) -> list:
+        """An answer to our pull: each block passes the same rules as a gossiped one."""
+        if env.body.get("to") != self.me:
+            return []  # an answer to someone else
+        check_signature(env, self.genesis.pubkey(env.sender))
+        self.seen.add(env.id)
+        blocks, txs = env.body.get("blocks"), env.body.get("txs", [])
+        if not isinstance(blocks, list) or len(blocks) > PULL_BATCH or not isinstance(txs, list) or len(txs) > 64:
+            raise Drop("malformed", "chain.blocks")
+        acts: list = []
+        for raw in txs:  # worker txs a validator named: the same rules as gossiped ones
+            try:
+                tx = from_json(raw)
+                if tx.kind != "wtx" or self.ctx is None or tx.round != self.ctx.round:
+                    raise Drop("malformed" if tx.kind != "wtx" else "stale_round", "chain.txs")
+                if tx.id not in self.seen:
+                    acts += self._on_tx(tx, now)
+            except Drop as exc:
+                self.drops[exc.reason] += 1
+        got = False
+        for raw in blocks:
+            blk = None
+            try:
+                blk = from_json(raw)
+                if blk.kind != "block":
+                    raise Drop("malformed", "not a block")
+                acts += self._on_block(blk, now, pulled_from=env.sender)
+                got = True
+            except Drop as exc:
+                self.drops[exc.reason] += 1
+                if (
+                    exc.reason == "wrong_prev"
+                    and blk is not None
+                    and blk.body.get("height") == self.state.height + 1 >= 2
+                ):
+                    # the peer's chain forks below our head: next time pull from our height
+                    self.pull_from = self.state.height
+        if got and env.sender in self.claim_since:
+            self.claim_since[env.sender] = now  # the claimer delivers: keep its claim alive
+        return acts
