@@ -45,9 +45,9 @@ VECTORS = {
 }
 
 
-def envelope_with(field: str, raw: bytes, kind: str = "report", sender: str = "d01") -> bytes:
+def envelope_with(field: str, raw: bytes, kind: str = "report", sender: str = "d01", run: str = "r1") -> bytes:
     """A well-formed-looking envelope whose one field holds ``raw`` JSON text."""
-    body = json.dumps({"run": "r1", "kind": kind, "round": 1, "sender": sender})[:-1]
+    body = json.dumps({"run": run, "kind": kind, "round": 1, "sender": sender})[:-1]
     return b'{"body": ' + body.encode() + b', "' + field.encode() + b'": ' + raw + b'}, "sig": "00"}'
 
 
