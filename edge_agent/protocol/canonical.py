@@ -171,8 +171,8 @@ def parse(data: bytes) -> Any:
     duplicate object keys, lone surrogates, nesting deeper than ``MAX_DEPTH``.
     """
     try:
-        text = bytes(data).decode("utf-8")
-    except (UnicodeDecodeError, TypeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise CanonicalError("payload is not UTF-8") from exc
     if _max_depth(text) > MAX_DEPTH:
         raise CanonicalError(f"nested deeper than {MAX_DEPTH}")
