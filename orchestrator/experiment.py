@@ -345,6 +345,7 @@ class Experiment:
                 KeyPair.generate().save(path)
                 keys[dev] = path
             wanted = {d: KeyPair.load(p).public_hex for d, p in keys.items()}
+            obs.admit(wanted)  # their hello and status count only when signed with these keys
             self.agents = LocalAgents(self.out)
             ports = self._agent_metric_ports(list(keys))
             if cfg.metrics_targets and self.metrics_targets:
@@ -417,8 +418,7 @@ class Experiment:
         )
         env = sign(self.operator, body)
         self.genesis = Genesis(env)
-        self.observer.genesis = self.genesis
-        self.observer.watch_run(self.run_id)
+        self.observer.follow(self.genesis)
         (self.out / "genesis.json").write_bytes(env.payload())
         # Fault injection: each malicious device is told privately, on its own command topic.
         for dev in self.malicious:
@@ -511,6 +511,8 @@ class Experiment:
             "reported_stakes": {d: r["stake"] for d, r in sorted(final.items())},
             "blacklist": sorted(state.blacklist),
             "dropped_messages": {d: r.get("drops", {}) for d, r in sorted(final.items()) if r.get("drops")},
+            # what the operator itself dropped (malformed, forged, ...), by reason
+            "operator_drops": dict(sorted(obs.drops.items())),
         }
 
     def csv_rows(self, experiment: str, setting: str, repeat: int) -> tuple[list[dict], list[dict]]:

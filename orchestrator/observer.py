@@ -3,10 +3,16 @@
 The observer is not on the critical path of a round. It follows the chain the devices agree
 on (the block most honest devices report as their head), replays it with the same
 ``process_block`` the devices use, and turns the reports into per-round summaries.
+
+Everything it reads comes from the broker, where anybody may publish: a message counts only
+when it is well-formed, signed by the key the device was admitted with, and every body field
+the operator uses has the shape of ``FIELDS``; anything else is dropped and counted in
+``drops`` by reason (summary.json's ``operator_drops``).
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import statistics
 import time
@@ -14,9 +20,56 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from edge_agent.protocol import ledger
-from edge_agent.protocol.genesis import Genesis
-from edge_agent.protocol.messages import PREFIX, Drop, check_signature, decode, parse_topic
+from edge_agent.protocol.canonical import MAX_SAFE_INT
+from edge_agent.protocol.genesis import CAPABILITIES, Genesis
+from edge_agent.protocol.messages import (
+    PREFIX,
+    Drop,
+    check_signature,
+    decode,
+    dict_of,
+    int_in,
+    is_envelope,
+    is_id,
+    is_int,
+    list_of,
+    one_of,
+    parse_topic,
+    require_fields,
+    valid_hash,
+)
 from edge_agent.transport import Mqtt
+
+log = logging.getLogger(__name__)
+
+COUNT = int_in(0, MAX_SAFE_INT)
+
+#: What the observer reads of each kind of message: (required fields, optional fields),
+#: checked with ``messages.require_fields`` before any of them is used. A public key is 64
+#: lowercase hex digits, as a SHA-256 is.
+FIELDS: dict[str, tuple[dict, dict]] = {
+    "hello": ({"pubkey": valid_hash, "caps": list_of(one_of(*CAPABILITIES))}, {}),
+    "status": ({"state": one_of("online", "offline")}, {}),
+    "ack": ({}, {}),
+    "head": ({"head": valid_hash}, {}),
+    "report": (
+        {"head": valid_hash, "acc_bp": int_in(0, 10_000), "stake": COUNT},
+        {"drops": dict_of(COUNT), "extra": dict_of(is_int)},
+    ),
+    "block": (
+        {
+            "height": COUNT,
+            "prev": valid_hash,
+            "global_model": valid_hash,
+            "accepted": list_of(is_id),
+            "rejected": list_of(is_id),
+            "wtxs": list_of(is_envelope),
+            "vtxs": list_of(is_envelope),
+        },
+        {},
+    ),
+}
+ANNOUNCEMENTS = ("hello", "status")
 
 
 @dataclass
@@ -60,12 +113,23 @@ class Observer:
     heads: dict[str, str] = field(default_factory=dict)
     drops: Counter = field(default_factory=Counter)
     genesis: Genesis | None = None
+    admitted: dict[str, str] = field(default_factory=dict)  # device -> public key
 
     def watch_devices(self) -> None:
         self.mqtt.subscribe(f"{PREFIX}/devices/+/hello", f"{PREFIX}/devices/+/status")
 
     def watch_run(self, run: str) -> None:
         self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/+" for k in ("ack", "block", "head", "report")))
+
+    def admit(self, keys: dict[str, str]) -> None:
+        """From now on, announcements of these devices count only when signed by these keys."""
+        self.admitted.update(keys)
+
+    def follow(self, genesis: Genesis) -> None:
+        """Follow ``genesis``'s run; its devices are the only ones admitted."""
+        self.genesis = genesis
+        self.admitted = {d: genesis.devices[d]["pubkey"] for d in genesis.device_ids}
+        self.watch_run(genesis.run)
 
     def pump(self, timeout: float = 0.2) -> None:
         end = time.monotonic() + timeout
@@ -79,40 +143,71 @@ class Observer:
                 self._on(msg.topic, msg.payload)
             except Drop as exc:
                 self.drops[exc.reason] += 1
+            except Exception:  # a bug, not the sender's doing: count it and keep watching
+                self.drops["internal_error"] += 1
+                log.exception("observer: error handling %s", msg.topic)
             if left <= 0:
                 return
-
-    def _pubkey(self, device: str) -> str | None:
-        if self.genesis is not None:
-            return self.genesis.pubkey(device)
-        return None
 
     def _on(self, topic_name: str, payload: bytes) -> None:
         tp = parse_topic(topic_name)
         if not payload:
-            return
+            return  # a cleared retained message
         env = decode(payload)
         if env.sender != tp.device or env.kind != tp.kind:
             raise Drop("topic_mismatch", topic_name)
-        if tp.run is None:  # device announcements are self-signed
-            key = env.body.get("pubkey") if tp.kind == "hello" else self.hellos.get(tp.device, {}).get("pubkey")
-            if not isinstance(key, str):
-                raise Drop("unknown_sender", tp.device)
-            check_signature(env, key)
-            if tp.kind == "hello":
-                self.hellos[tp.device] = env.body
-                self.offline.discard(tp.device)
-            elif env.body.get("state") == "offline":
-                self.offline.add(tp.device)
-            else:
-                self.offline.discard(tp.device)
-            return
-        if self.genesis is None or tp.run != self.genesis.run:
-            raise Drop("wrong_run", topic_name)
-        key = self._pubkey(tp.device)
+        if tp.kind not in FIELDS or (tp.run is None) != (tp.kind in ANNOUNCEMENTS):
+            raise Drop("unexpected_kind", topic_name)
+        required, optional = FIELDS[tp.kind]
+        require_fields(env.body, required, optional)
+        if tp.run is None:
+            self._on_announcement(tp.device, env)
+        else:
+            self._on_run_message(tp, env)
+
+    def _announcer_key(self, device: str, env) -> str:
+        """The key a hello or status of ``device`` must be signed with.
+
+        An admitted device has its admission key: in the genesis, or for local agents the
+        key the operator created before starting them. Before the genesis, a device nobody
+        admitted yet (``bfl run --external``) is trusted on first use: its first valid hello
+        binds the id to the key in it, and a later hello for that id with another key is
+        dropped (bad_signature), it does not replace the first. After the genesis, only the
+        admitted devices are listened to.
+        """
+        key = self.admitted.get(device)
+        if key is None and self.genesis is not None:
+            raise Drop("unknown_sender", device)
+        if key is None:
+            key = self.hellos.get(device, {}).get("pubkey")
+        if key is None and env.kind == "hello":
+            key = env.body["pubkey"]  # first use
+        if key is None:
+            raise Drop("unknown_sender", device)
+        return key
+
+    def _on_announcement(self, device: str, env) -> None:
+        key = self._announcer_key(device, env)
+        check_signature(env, key)
+        if env.kind == "hello":
+            if env.body["pubkey"] != key:
+                raise Drop("bad_claim", f"{device} announces another key")
+            self.hellos[device] = env.body
+            self.offline.discard(device)
+        elif env.body["state"] == "offline":
+            self.offline.add(device)
+        else:
+            self.offline.discard(device)
+
+    def _on_run_message(self, tp, env) -> None:
+        if self.genesis is None or tp.run != self.genesis.run or env.body["run"] != tp.run:
+            raise Drop("wrong_run", tp.run)
+        key = self.admitted.get(tp.device)
         if key is None:
             raise Drop("unknown_sender", tp.device)
         check_signature(env, key)
+        if tp.kind in ("block", "report") and not 1 <= env.round <= self.genesis.rounds:
+            raise Drop("wrong_round", f"{tp.kind} of round {env.round}")
         if tp.kind == "ack":
             self.acks.add(tp.device)
         elif tp.kind == "block":
@@ -153,14 +248,26 @@ class Observer:
         )
 
     def chain(self, upto: int, honest: set[str]) -> list:
+        """The agreed blocks of heights 1..upto, as far as each is valid on the ones before."""
+        return self._verified_chain(upto, honest)[0]
+
+    def replay(self, upto: int, honest: set[str]) -> ledger.State:
+        return self._verified_chain(upto, honest)[1]
+
+    def _verified_chain(self, upto: int, honest: set[str]) -> tuple[list, ledger.State]:
+        # Honest devices only commit valid blocks, so this stops early only if a device the
+        # operator counts as honest reported the head of a block nobody else accepted.
+        assert self.genesis is not None
+        state = ledger.genesis_state(self.genesis)
         out = []
         for h in range(1, upto + 1):
             blk, _ = self.agreed_block(h, honest)
             if blk is None:
                 break
+            try:
+                state = ledger.process_block(self.genesis, state, blk)
+            except ledger.InvalidBlock as exc:
+                log.warning("observer: the agreed block of round %d is invalid (%s)", h, exc)
+                break
             out.append(blk)
-        return out
-
-    def replay(self, upto: int, honest: set[str]) -> ledger.State:
-        assert self.genesis is not None
-        return ledger.replay(self.genesis, self.chain(upto, honest))
+        return out, state

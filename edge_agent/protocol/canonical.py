@@ -13,6 +13,8 @@ characters are escaped, everything else is literal UTF-8.
 from __future__ import annotations
 
 import json
+import re
+from itertools import accumulate
 from typing import Any
 
 MAX_SAFE_INT = 2**53 - 1
@@ -97,31 +99,97 @@ def canonical_bytes(value: Any) -> bytes:
     return "".join(out).encode("utf-8")
 
 
+#: Deepest nesting of lists and objects ``parse`` accepts. The deepest message (a chain
+#: answer: blocks holding transactions holding votes) nests about 10 levels; json.loads and
+#: the encoder above recurse, so a deeper payload is refused before it is parsed.
+MAX_DEPTH = 32
+
+# The longest decimal form of a safe integer: "-9007199254740991".
+_MAX_INT_CHARS = len(str(-MAX_SAFE_INT))
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Strict UTF-8 decoding refuses encoded surrogates, so one can only come from an escape.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _no_floats(_: str) -> Any:
     raise CanonicalError("floats are not allowed in signed bodies")
 
 
+def _safe_int(text: str) -> int:
+    """json.loads' integer hook: the literal is checked before ``int`` sees it, so a
+    5 000-digit number costs nothing (and never meets Python's int-digit limit)."""
+    if len(text) > _MAX_INT_CHARS:
+        raise CanonicalError("integer outside the I-JSON safe range")
+    value = int(text)
+    if abs(value) > MAX_SAFE_INT:
+        raise CanonicalError(f"integer {value} outside the I-JSON safe range")
+    return value
+
+
+def _max_depth(text: str) -> int:
+    """An upper bound of the nesting json.loads would reach on ``text``, in linear time.
+
+    Escaped backslashes, then escaped quotes are removed; the remaining quotes delimit the
+    strings, so every other piece lies outside them and its brackets count. On text that
+    is not JSON the count may be off, but only after the point where json.loads stops.
+    """
+    bare = text.replace("\\\\", "").replace('\\"', "")
+    outside = _NOT_BRACKETS.sub("", "".join(bare.split('"')[::2]))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, outside)), default=0)
+
+
+def _check_strings(value: Any) -> None:
+    """Refuse lone surrogates (a ``"\\ud800"`` escape): they have no UTF-8 form."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise CanonicalError("lone surrogate in string")
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+
+
+def _pairs(items: list[tuple[str, Any]]) -> dict:
+    obj: dict = {}
+    for k, v in items:
+        if k in obj:
+            raise CanonicalError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
 def parse(data: bytes) -> Any:
-    """Parse JSON bytes, refusing floats, NaN and duplicate object keys."""
+    """Parse JSON bytes into a value ``canonical_bytes`` accepts; raises only CanonicalError.
 
-    def pairs(items: list[tuple[str, Any]]) -> dict:
-        obj: dict = {}
-        for k, v in items:
-            if k in obj:
-                raise CanonicalError(f"duplicate key {k!r}")
-            obj[k] = v
-        return obj
-
+    Refused: anything but UTF-8, floats, NaN and Infinity, integers outside the safe range,
+    duplicate object keys, lone surrogates, nesting deeper than ``MAX_DEPTH``.
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CanonicalError("payload is not UTF-8") from exc
+    if _max_depth(text) > MAX_DEPTH:
+        raise CanonicalError(f"nested deeper than {MAX_DEPTH}")
     try:
-        return json.loads(
+        value = json.loads(
             text,
             parse_float=_no_floats,
+            parse_int=_safe_int,
             parse_constant=_no_floats,
-            object_pairs_hook=pairs,
+            object_pairs_hook=_pairs,
         )
+    except CanonicalError:
+        raise
     except json.JSONDecodeError as exc:
         raise CanonicalError(f"malformed JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:  # not expected after the checks above
+        raise CanonicalError(f"malformed JSON: {type(exc).__name__}") from exc
+    if _SURROGATE_ESCAPE.search(text):  # rare: canonical bytes write non-BMP characters as UTF-8
+        _check_strings(value)
+    return value

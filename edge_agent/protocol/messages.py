@@ -166,6 +166,64 @@ def check_signature(env: Envelope, public_hex: str) -> None:
         raise Drop("bad_signature", f"{env.kind} from {env.sender}")
 
 
+# ---- body fields ----------------------------------------------------------------------
+#
+# A field check is a type (``int`` never admits a bool) or a predicate. Receivers describe
+# the fields they use in a table and call ``require_fields`` before touching the body.
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_id(v: Any) -> bool:
+    return isinstance(v, str) and valid_id(v)
+
+
+def int_in(lo: int, hi: int):
+    return lambda v: is_int(v) and lo <= v <= hi
+
+
+def one_of(*choices: Any):
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def list_of(check):
+    return lambda v: isinstance(v, list) and all(field_ok(check, x) for x in v)
+
+
+def dict_of(check):
+    """An object whose every value passes ``check`` (JSON keys are always strings)."""
+    return lambda v: isinstance(v, dict) and all(field_ok(check, x) for x in v.values())
+
+
+def is_envelope(v: Any) -> bool:
+    """A signed message embedded in another one (a block's transactions)."""
+    try:
+        from_json(v)
+    except Drop:
+        return False
+    return True
+
+
+def field_ok(check, value: Any) -> bool:
+    if check is int:
+        return is_int(value)
+    if isinstance(check, type):
+        return isinstance(value, check)
+    return bool(check(value))
+
+
+def require_fields(body: dict, required: dict, optional: dict | None = None) -> None:
+    """Check ``body``'s fields against the tables; raises Drop("malformed", kind.field)."""
+    for name, check in required.items():
+        if name not in body or not field_ok(check, body[name]):
+            raise Drop("malformed", f"{body.get('kind')}.{name}")
+    for name, check in (optional or {}).items():
+        if name in body and not field_ok(check, body[name]):
+            raise Drop("malformed", f"{body.get('kind')}.{name}")
+
+
 # ---- topics -------------------------------------------------------------------------
 
 
