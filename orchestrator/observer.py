@@ -265,7 +265,7 @@ class Observer:
             if blk is None:
                 break
             try:
-                state = ledger.process_block(self.genesis, state, blk)
+                state, _ = ledger.process_block(self.genesis, state, blk)
             except ledger.InvalidBlock as exc:
                 log.warning("observer: the agreed block of round %d is invalid (%s)", h, exc)
                 break

@@ -15,8 +15,6 @@ import pytest
 from edge_agent.ml import blobs as bl
 from edge_agent.protocol import ledger
 from edge_agent.protocol.genesis import Genesis
-from edge_agent.protocol.messages import from_json
-from edge_agent.protocol.canonical import parse
 from edge_agent.store import ChainStore, block_blobs
 
 SMALL = [
