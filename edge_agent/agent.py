@@ -152,7 +152,6 @@ class Agent:
             self.mqtt.close()
             if self.metrics_server is not None:
                 if self.exit_after_run and self.metrics_linger > 0:
-                    self.metrics.update(self.node, self.attack)
                     time.sleep(self.metrics_linger)  # let Prometheus scrape the final state
                 stop_serving(self.metrics_server)
 
@@ -184,7 +183,6 @@ class Agent:
         if self.node is not None:
             self._execute(self.node.tick(time.monotonic()))
         if self.metrics is not None:
-            self.metrics.update(self.node, self.attack)
             self.metrics.drops(self.drops, source="agent")
 
     def _on_incoming(self, msg: Incoming) -> None:
@@ -248,6 +246,7 @@ class Agent:
         self.retention = BlobRetention(self.keep_rounds, genesis.init_model, [b.body for b in blocks])
         if self.metrics is not None:
             self.metrics.joined(run)
+            self.metrics.attack_set(self.attack)
         cmd = self.pending_cmds.pop(genesis.run, None)
         if cmd:
             self._set_attack(cmd.get("attack"))
@@ -285,6 +284,8 @@ class Agent:
         self.attack = attack if isinstance(attack, dict) else None
         if self.runtime is not None:
             self.runtime.attack = self.attack
+        if self.metrics is not None:
+            self.metrics.attack_set(self.attack)
 
     # -- actions --
 
@@ -292,12 +293,12 @@ class Agent:
         if self.attack and self.attack.get("name") == "invert_votes" and self.node is not None:
             actions = [invert_votes(self.node.genesis, self.key, a) for a in actions]
         for a in actions:
+            if self.metrics is not None:
+                self.metrics.action(a)
             if isinstance(a, nd.Publish):
                 if topic_kind(a.topic) in ("wtx", "vtx", "block"):
                     self.store.save_signed(a.payload)  # before it leaves: see ChainStore.save_signed
                 self.mqtt.publish(a.topic, a.payload, retain=a.retain)
-                if self.metrics is not None:
-                    self.metrics.published(a.topic, a.payload)
             elif isinstance(a, nd.StoreBlob):
                 self.blobs.put(a.data)
             elif isinstance(a, nd.DeleteBlob):
@@ -314,8 +315,6 @@ class Agent:
                 pruned = [h for h in self.retention.committed(a.block.body) if self.blobs.delete(h)]
                 if pruned:
                     log.debug("%s: deleted %d blob(s) older than %d rounds", self.me, len(pruned), self.keep_rounds)
-                if self.metrics is not None:
-                    self.metrics.committed(a.block, a.state)
                 log.info(
                     "%s: appended block %d %s from %s (accepted %s, rejected %s)",
                     self.me,
@@ -334,7 +333,7 @@ class Agent:
                 if self.exit_after_run:
                     # let queued publishes (the last report) leave before stopping
                     self._drain_then_stop()
-            else:
+            elif not isinstance(a, (nd.Dropped, nd.RoundStarted)):  # those two: for the metrics only
                 raise TypeError(f"unknown action {a!r}")
 
     def _timed(self, runtime: Runtime, action):

@@ -1,8 +1,9 @@
 """Prometheus metrics of one device (prometheus-client), served on a port of its own.
 
 The protocol (``protocol/node.py``) does no I/O and knows nothing of Prometheus: the agent
-shell feeds this module what it already sees -- the Node's state after every step, the
-actions it carries out, the messages the transport moves and how long each task took.
+shell feeds this module what it already sees -- the actions the Node returns (rounds
+started, blocks appended or rolled back, messages published or dropped), the messages the
+transport moves and how long each task took. Nothing here reads the Node's internals.
 
 Every series carries ``device``; series that belong to one run also carry ``run``. Names
 follow the Prometheus conventions: a ``bfl_`` prefix, ``_total`` on counters, base units in
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
+from .protocol import round as nd
 from .protocol.messages import DROP_REASONS, RUN_KINDS, Drop, parse_topic
 
 disable_created_metrics()  # no *_created series: they double every counter for no use here
@@ -221,35 +223,51 @@ class AgentMetrics:
                 self.dropped.labels(self.device, reason).inc(delta)
             self._seen_drops[key] = n
 
-    def update(self, node, attack: dict | None = None, now: float | None = None) -> None:
-        """Gauges from the Node's state (cheap; called after every protocol step)."""
-        if node is None or self._run != node.run:
+    def action(self, a, now: float | None = None) -> None:
+        """Follow the Node through the actions it returns (the shell calls this for each);
+        nothing here reads the Node's internals."""
+        if isinstance(a, nd.Publish):
+            self.published(a.topic, a.payload)
+        elif isinstance(a, nd.Dropped):
+            self.dropped.labels(self.device, a.reason).inc(a.count)
+        elif isinstance(a, nd.RoundStarted):
+            self.round_started(a.round, a.role, now)
+        elif isinstance(a, nd.CommitBlock):
+            self.committed(a.block, a.state, now)
+        elif isinstance(a, nd.Rollback):
+            self._chain_state(a.state)
+            self._stake_now = a.state.stake(self.device)
+        elif isinstance(a, nd.Finished):
+            self._set_role("idle")
+
+    def round_started(self, j: int, role: str, now: float | None = None) -> None:
+        if self._run is None:
             return
-        now = time.monotonic() if now is None else now
-        run, dev = node.run, self.device
-        st = node.state
-        ctx = node.ctx
-        j = ctx.round if ctx is not None else st.height
-        if ctx is not None and j != self._round_no:
-            self._round_no = j
-            self._round_started[j] = now
-            role = ctx.roles.role_of(dev) or "idle"
-            self._role_of_round[j] = role
+        self._round_no = j
+        self._round_started[j] = time.monotonic() if now is None else now
+        self._role_of_round[j] = role
+        self._set_role(role)
+        self.round.labels(self.device, self._run).set(j)
+
+    def _set_role(self, role: str) -> None:
+        if self._run is not None:
             for name in ROLES:
-                self.role.labels(dev, run, name).set(1 if name == role else 0)
-        elif ctx is None and node.finished:
-            for name in ROLES:
-                self.role.labels(dev, run, name).set(1 if name == "idle" else 0)
-        self.round.labels(dev, run).set(j)
-        self.stake.labels(dev, run).set(st.stake(dev))
-        self.height.labels(dev, run).set(st.height)
-        self.blacklisted.labels(dev, run).set(1 if dev in st.blacklist else 0)
-        attack = (attack or {}).get("name") or "none"
-        if attack != self._attack:
+                self.role.labels(self.device, self._run, name).set(1 if name == role else 0)
+
+    def _chain_state(self, state) -> None:
+        if self._run is not None:
+            dev, run = self.device, self._run
+            self.stake.labels(dev, run).set(state.stake(dev))
+            self.height.labels(dev, run).set(state.height)
+            self.blacklisted.labels(dev, run).set(1 if dev in state.blacklist else 0)
+
+    def attack_set(self, attack: dict | None) -> None:
+        """The operator's fault injection for this device ('none': honest)."""
+        name = (attack or {}).get("name") or "none"
+        if self._run is not None and name != self._attack:
             self.attack.clear()
-            self.attack.labels(dev, run, attack).set(1)
-            self._attack = attack
-        self.drops({**node.drops, "duplicate": node.duplicates}, source="node")
+            self.attack.labels(self.device, self._run, name).set(1)
+            self._attack = name
 
     def published(self, topic: str, payload: bytes) -> None:
         """Our own protocol messages: votes cast and blocks proposed."""
@@ -277,6 +295,7 @@ class AgentMetrics:
             self.updates.labels(dev, "accepted").inc()
         elif dev in body.get("rejected", ()):
             self.updates.labels(dev, "rejected").inc()
+        self._chain_state(state)
         stake = state.stake(dev)
         gained = stake - self._stake_now
         self._stake_now = stake

@@ -31,13 +31,10 @@ class MeteredNet(SimNet):
 
     def _do(self, dev, actions):
         m = self.metrics[dev]
+        m.attack_set({"name": "gaussian"} if dev in self.malicious else None)
         for a in actions:
-            if isinstance(a, nd.Publish):
-                m.published(a.topic, a.payload)
-            elif isinstance(a, nd.CommitBlock):
-                m.committed(a.block, a.state, self.now)
+            m.action(a, self.now)
         super()._do(dev, actions)
-        m.update(self.nodes[dev], {"name": "gaussian"} if dev in self.malicious else None, self.now)
 
     def deliver(self, dev, event):
         if isinstance(event, nd.GlobalEvaluated):

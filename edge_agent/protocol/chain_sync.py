@@ -116,7 +116,7 @@ class ChainSync:
             self.peer_heights.pop(d)
             self.claim_since.pop(d, None)
             self.distrusted[d] = self.state.height
-            self.drops["bad_claim"] += 1
+            self._count("bad_claim")
         if not claims or now < self.next_pull:
             return []
         self.next_pull = now + SYNC_RETRY_S
@@ -233,7 +233,7 @@ class ChainSync:
                 if tx.id not in self.seen:
                     acts += self._on_tx(tx, now)
             except Drop as exc:
-                self.drops[exc.reason] += 1
+                self._count(exc.reason)
         got = False
         for raw in blocks:
             blk = None
@@ -244,7 +244,7 @@ class ChainSync:
                 acts += self._on_block(blk, now, pulled_from=env.sender)
                 got = True
             except Drop as exc:
-                self.drops[exc.reason] += 1
+                self._count(exc.reason)
                 if (
                     exc.reason == "wrong_prev"
                     and blk is not None

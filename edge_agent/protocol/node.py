@@ -61,6 +61,7 @@ from .round import (
     ChainPhase,
     CommitBlock,
     DeleteBlob,
+    Dropped,
     EvaluateGlobal,
     EvaluationDone,
     Finished,
@@ -70,6 +71,7 @@ from .round import (
     Received,
     Rollback,
     RoundCtx,
+    RoundStarted,
     StoreBlob,
     TaskFailed,
     TrainingDone,
@@ -128,6 +130,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.aggregates: dict[tuple, str] = {}
         self.drops: Counter[str] = Counter()
         self.duplicates = 0
+        self.outbox: list = []  # actions raised deep in a step (drops), returned with its result
         self.reorgs = 0
         self.finished = False
         # candidates for each height (gossiped or pulled), verdicts, evidence
@@ -160,7 +163,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
     # -- public API --
 
     def start(self, now: float) -> list:
-        return self._begin_round(now)
+        return self._flush(self._begin_round(now))
 
     def handle(self, event, now: float) -> list:
         if isinstance(event, Received):
@@ -177,10 +180,24 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             acts = self._task_failed(event, now)
         else:
             raise TypeError(f"unknown event {event!r}")
-        return acts + self._advance(now)
+        return self._flush(acts + self._advance(now))
 
     def tick(self, now: float) -> list:
-        return self._advance(now)
+        return self._flush(self._advance(now))
+
+    def _flush(self, acts: list) -> list:
+        out, self.outbox = self.outbox + acts, []
+        return out
+
+    def _count(self, reason: str, n: int = 1) -> None:
+        """A dropped message: counted here (for the report) and told to the shell."""
+        if n <= 0:
+            return
+        if reason == "duplicate":
+            self.duplicates += n
+        else:
+            self.drops[reason] += n
+        self.outbox.append(Dropped(reason, n))
 
     def role(self) -> str | None:
         return self.ctx.roles.role_of(self.me) if self.ctx else None
@@ -196,6 +213,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         # (a knocked-out device gets no role from roles_for; it still follows the chain)
         j = self.state.height + 1
         self.ctx = RoundCtx(round=j, roles=roles_for(self.genesis, self.state), started=now)
+        self.outbox.append(RoundStarted(j, self.ctx.roles.role_of(self.me) or "idle"))
         self.ctx.catching_up = self._network_moved_on(j)
         if self.resumed:  # restarted mid-run: ask for the round's txs we may have missed
             self.resumed = False
@@ -204,7 +222,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         acts: list = []
         pending = self.future.pop(j, [])
         for r in [r for r in self.future if r < j]:
-            self.drops["stale_round"] += len(self.future.pop(r))
+            self._count("stale_round", len(self.future.pop(r)))
         for msg in pending:
             acts += self._receive(msg, now)
         return acts + self._advance(now)
@@ -280,12 +298,12 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         try:
             return self._dispatch(msg, now)
         except Drop as exc:
-            self.drops[exc.reason] += 1
+            self._count(exc.reason)
             log.info("%s: dropped %s (%s)", self.me, msg.topic, exc)
             return []
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             # a signed body of an unexpected shape: hostile or broken, never fatal
-            self.drops["malformed"] += 1
+            self._count("malformed")
             log.info("%s: dropped %s (malformed: %r)", self.me, msg.topic, exc)
             return []
 
@@ -307,7 +325,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         if env.body["run"] != self.run:
             raise Drop("wrong_run", env.body["run"])
         if env.id in self.seen:
-            self.duplicates += 1
+            self._count("duplicate")
             return []
         handler = {
             "sync": self._on_sync, "head": self._on_head, "chain": self._on_chain, "evidence": self._on_evidence,
@@ -361,7 +379,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         if sha256_hex(data) != blob_hash:
             raise Drop("hash_mismatch", f"blob from {sender}")
         if blob_hash in self.blobs:
-            self.duplicates += 1
+            self._count("duplicate")
             return []
         if blob_hash in self._wanted():
             return self._accept_blob(blob_hash, data)
@@ -498,7 +516,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
 
     def _reject(self, blk: Envelope, reason: str, detail: str) -> None:
         self.invalid.add(blk.id)
-        self.drops[reason] += 1
+        self._count(reason)
         log.warning("%s: invalid block %s from %s: %s: %s", self.me, blk.id[:12], blk.sender, reason, detail)
 
     def _commit(self, blk: Envelope, now: float) -> list:

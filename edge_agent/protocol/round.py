@@ -39,6 +39,8 @@ __all__ = [
     "Aggregate",
     "CommitBlock",
     "Rollback",
+    "RoundStarted",
+    "Dropped",
     "EvaluateGlobal",
     "Finished",
     "BlobRequestAnswer",
@@ -162,6 +164,22 @@ class Rollback:
 
     height: int
     state: State
+
+
+@dataclass(frozen=True)
+class RoundStarted:
+    """The device entered round ``round`` with ``role`` (worker, validator, miner or idle)."""
+
+    round: int
+    role: str
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A received message was dropped (``reason``: messages.DROP_REASONS), ``count`` of them."""
+
+    reason: str
+    count: int = 1
 
 
 @dataclass(frozen=True)
