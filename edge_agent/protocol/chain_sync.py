@@ -92,7 +92,13 @@ class ChainSync:
         elif mine is not None and head != mine and height > self.state.height - REORG_DEPTH and height >= 1:
             # a peer's head differs from ours at that height: fetch its block (it may be the
             # better candidate, or the second block of an equivocating miner)
-            known = any(c.id == head for c in self.candidates.get(height, {}).values())
+            known = head in self.candidates.get(height, {})
+            if known and head in self.unavailable:
+                # we gave up on its blobs, but this peer appended it: it holds them; ask it
+                self.unavailable.discard(head)
+                self.invalid.discard(head)
+                self.blob_source[head] = env.sender
+                return self._reconsider(height, now)
             if not known:
                 return [
                     self._sync_request(

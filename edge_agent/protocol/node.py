@@ -50,6 +50,7 @@ from .messages import DEFAULT_MAX_BLOB_BYTES, Drop, Envelope, decode, parse_topi
 from .miner import MinerSteps
 from .round import *  # noqa: F403  (events, actions, phases: re-exported for the shell)
 from .round import (
+    CHECK_TRIES,
     FUTURE_LIMIT,
     FUTURE_ROUNDS,
     PENDING_BLOBS_PER_SENDER,
@@ -136,6 +137,8 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         # candidates for each height (gossiped or pulled), verdicts, evidence
         self.candidates: dict[int, dict[str, Envelope]] = {}
         self.invalid: set[str] = set()
+        self.unavailable: set[str] = set()  # candidates whose accepted blobs never came (until a peer has them)
+        self.blob_source: dict[str, str] = {}  # candidate -> a peer that appended it (holds its blobs)
         self.pulled: set[str] = set()  # candidates pulled from a peer that had appended them
         self.slots: dict[tuple, Envelope] = {}  # slot -> first message seen for it
         self.evidence: dict[str, dict] = {}  # equivocator -> evidence item
@@ -204,7 +207,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
 
     # -- the round: phases and the rules that move them --
 
-    def _begin_round(self, now: float) -> list:
+    def _begin_round(self, now: float, catching_up: bool = False) -> list:
         if self.state.height >= self.genesis.rounds:
             if not self.finished:
                 self.finished = True
@@ -214,7 +217,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         j = self.state.height + 1
         self.ctx = RoundCtx(round=j, roles=roles_for(self.genesis, self.state), started=now)
         self.outbox.append(RoundStarted(j, self.ctx.roles.role_of(self.me) or "idle"))
-        self.ctx.catching_up = self._network_moved_on(j)
+        self.ctx.catching_up = catching_up or self._network_moved_on(j)
         if self.resumed:  # restarted mid-run: ask for the round's txs we may have missed
             self.resumed = False
             self.ctx.wtx_pull_at = now + WTX_PULL_S
@@ -460,11 +463,14 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
                 ctx.vtxs = {d: v for d, v in ctx.vtxs.items() if set(v.body["verified"]) <= set(ctx.wtxs)}
         elif ctx.checking == ev.key:
             blk = self.candidates.get(ctx.round, {}).get(ev.key)
-            if late and not ctx.catching_up and blk is not None:
+            ctx.check_tries += 1
+            if blk is not None and ((late and not ctx.catching_up) or ctx.check_tries > CHECK_TRIES):
                 ctx.checking, ctx.chain = None, ChainPhase.WAITING
                 self._reject(blk, "unavailable", "its accepted updates' blobs never came")
+                self.unavailable.add(blk.id)
                 return self.enter_decide(now)
-            target = blk.sender if blk is not None and not ctx.catching_up else target
+            if blk is not None:
+                target = self.blob_source.get(blk.id, target if ctx.catching_up else blk.sender)
         else:
             return []
         ctx.retry_at = now + SYNC_RETRY_S
@@ -574,7 +580,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.chain = self.chain[: height - 1]
         self.ctx = None
         self.finished = False
-        return [Rollback(height - 1, self.state)] + self._begin_round(now)
+        return [Rollback(height - 1, self.state)] + self._begin_round(now, catching_up=True)
 
     def _report(self, ev: GlobalEvaluated) -> list:
         if ev.height > len(self.chain):

@@ -25,6 +25,7 @@ __all__ = [
     "PULL_BATCH",
     "REORG_DEPTH",
     "PENDING_BLOBS_PER_SENDER",
+    "CHECK_TRIES",
     "Received",
     "TrainingDone",
     "TaskFailed",
@@ -59,7 +60,8 @@ SYNC_GIVEUP_S = 9.0  # a peer whose claimed blocks do not come in this time lose
 WTX_PULL_S = 5.0  # after the first worker tx of a round, ask for the missing ones this often
 PULL_BATCH = 8  # blocks per catch-up answer
 REORG_DEPTH = 2  # a better candidate for one of the last this many blocks reorganises
-PENDING_BLOBS_PER_SENDER = 1  # blobs held in memory until a transaction names them
+PENDING_BLOBS_PER_SENDER = 1
+CHECK_TRIES = 10  # blob requests for one candidate before it is taken as unavailable  # blobs held in memory until a transaction names them
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,7 @@ class RoundCtx:
     retry_at: float = 0.0  # when to retry an aggregation that lacked blobs
     mine_txs: tuple = ()  # the (wtxs, vtxs, evidence) the miner is aggregating for
     mine_tries: int = 0
+    check_tries: int = 0  # blob requests for the candidate being checked
     waiting_logged: bool = False
     wtx_pull_at: float = 0.0  # when to ask missing workers to re-publish (0: not yet due)
     asked: set[str] = field(default_factory=set)  # worker tx ids a miner asked validators for
