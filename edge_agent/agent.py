@@ -13,7 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .byzantine import invert_votes
+from . import byzantine
 from .metrics import stop_serving, topic_kind
 from .ml.blobs import BlobStore
 from .protocol import node as nd
@@ -280,7 +280,8 @@ class Agent:
 
     def _set_attack(self, attack) -> None:
         """The operator's fault injection lives here, in the shell, not in the protocol core:
-        model attacks change what the runtime trains, ``invert_votes`` rewrites our votes."""
+        model attacks change what the runtime trains, protocol attacks (byzantine.py) rewrite
+        the node's outgoing actions."""
         self.attack = attack if isinstance(attack, dict) else None
         if self.runtime is not None:
             self.runtime.attack = self.attack
@@ -290,8 +291,8 @@ class Agent:
     # -- actions --
 
     def _execute(self, actions: list) -> None:
-        if self.attack and self.attack.get("name") == "invert_votes" and self.node is not None:
-            actions = [invert_votes(self.node.genesis, self.key, a) for a in actions]
+        if self.attack and self.node is not None:
+            actions = byzantine.apply(self.attack.get("name"), self.node, self.key, actions)
         for a in actions:
             if self.metrics is not None:
                 self.metrics.action(a)

@@ -51,7 +51,10 @@ def run(
         None, help="Malicious devices by id instead, each with its own attack if given: d03=label_flip,d07."
     ),
     attack: str = typer.Option(
-        "gaussian", help="gaussian (N(0,1) on every parameter) | sign_flip | scale | lazy | label_flip | invert_votes."
+        "gaussian",
+        help="gaussian (N(0,1) on every parameter) | sign_flip | scale | lazy | label_flip (poisoned training); "
+        "invert_votes | equivocate | withhold_blob | false_head | junk_votes | blob_spam (a byzantine insider on the "
+        "wire, docs/security.md).",
     ),
     rounds: int = typer.Option(10, help="Communication rounds (the paper runs 100)."),
     dataset: str = typer.Option("mnist", help="mnist | fashion-mnist."),
@@ -88,8 +91,8 @@ def run(
     ),
 ):
     """Run a PoS-BFL experiment and write OUT/summary.json."""
-    from edge_agent.protocol.genesis import VOTE_REFERENCES
     from edge_agent.ml.data import DATASETS
+    from edge_agent.protocol.genesis import VOTE_REFERENCES
 
     from .experiment import Experiment, ExperimentError, RunConfig
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_agent.byzantine import PROTOCOL_ATTACKS
 from edge_agent.ml import blobs as bl
 from edge_agent.ml.arch import init_params
 from edge_agent.protocol.crypto import KeyPair
@@ -28,7 +29,7 @@ class ExperimentError(Exception):
     """A one-line, actionable failure of the experiment set-up."""
 
 
-ATTACKS = ("gaussian", "sign_flip", "scale", "lazy", "label_flip", "invert_votes")
+ATTACKS = ("gaussian", "sign_flip", "scale", "lazy", "label_flip", *PROTOCOL_ATTACKS)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class RunConfig:
 def choose_malicious(cfg: RunConfig, devices: list[str], trainers: list[str] | None = None) -> list[str]:
     """The operator's pick. ``--malicious K`` draws among the devices that can train (a
     poisoning attack on a validator-only device would never fire), except for the voting
-    attack, which any device can mount."""
+    attack and the other protocol attacks (edge_agent/byzantine.py), which any device can mount."""
     if cfg.malicious_ids:
         unknown = [d for d in cfg.malicious_ids if d not in devices]
         if unknown:
@@ -94,7 +95,7 @@ def choose_malicious(cfg: RunConfig, devices: list[str], trainers: list[str] | N
         return sorted(cfg.malicious_ids)
     if not 0 <= cfg.malicious <= len(devices):
         raise ExperimentError(f"--malicious {cfg.malicious}: must be between 0 and {len(devices)}")
-    pool = devices if cfg.attack == "invert_votes" or trainers is None else [d for d in devices if d in set(trainers)]
+    pool = devices if cfg.attack in PROTOCOL_ATTACKS or trainers is None else [d for d in devices if d in set(trainers)]
     if cfg.malicious > len(pool):
         raise ExperimentError(f"--malicious {cfg.malicious}: only {len(pool)} devices can train (and poison an update)")
     return sorted(random.Random(cfg.seed).sample(pool, cfg.malicious))
@@ -510,6 +511,7 @@ class Experiment:
             "stakes": {d: state.stake(d) for d in self.genesis.device_ids},
             "reported_stakes": {d: r["stake"] for d, r in sorted(final.items())},
             "blacklist": sorted(state.blacklist),
+            "slashed": sorted(state.slashed),  # equivocators, by evidence in a block
             "dropped_messages": {d: r.get("drops", {}) for d, r in sorted(final.items()) if r.get("drops")},
             # what the operator itself dropped (malformed, forged, ...), by reason
             "operator_drops": dict(sorted(obs.drops.items())),

@@ -10,7 +10,6 @@ round with every device reporting, and summary.json must count what the operator
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
