@@ -9,7 +9,8 @@ own valid key can misbehave on the wire (docs/security.md: what stops each):
                    ordinary loss, those it wants rejected are recorded as unusable. Only the
                    other validators' votes can outweigh it.
 ``equivocate``     sign a second, different message for each slot it fills: a worker tx
-                   naming another model, a validator tx without its last vote, an empty block.
+                   naming another model, a validator tx with every vote inverted (and its
+                   numbers rewritten to match), an empty block.
 ``withhold_blob``  publish its worker tx but never the model it names.
 ``false_head``     with each head it publishes, claim the run's last height.
 ``junk_votes``     before its validator tx, one naming a real worker tx 5 000 times and one
@@ -79,10 +80,9 @@ def equivocate(node: nd.Node, key: KeyPair, action) -> list:
         if kind == "wtx":
             other = dict(env.body, model=sha256_hex(env.body["model"].encode()))
         elif kind == "vtx":
-            votes = env.body["votes"][:-1]
-            if len(votes) == len(env.body["votes"]):
-                return [action]  # nothing to drop: no second version
-            other = dict(env.body, votes=votes)
+            if not env.body["votes"]:
+                return [action]  # no vote to change: no valid second version
+            return [action] + invert_votes(node, key, action)  # valid too: the votes follow their numbers
         else:
             st = node.state
             other = build_block(node.genesis, st, node.me, [], [], st.global_model)

@@ -11,7 +11,7 @@ import logging
 from .ledger import (
     roles_for,
 )
-from .messages import Drop, Envelope, check_signature, from_json, sign, topic, valid_hash
+from .messages import MAX_JSON_BYTES, Drop, Envelope, check_signature, from_json, sign, topic, valid_hash
 from .round import (
     PULL_BATCH,
     REORG_DEPTH,
@@ -70,8 +70,8 @@ class ChainSync:
         if sum(1 for c in held.values() if c.sender == env.sender) >= 2:
             raise Drop("equivocation", f"third block from {env.sender}")
         held[env.id] = env
-        if pulled_from is not None and self.peer_heights.get(pulled_from, 0) >= h:
-            self.pulled.add(env.id)  # its sender has appended it: the network moved on
+        if pulled_from is not None and self._backed(h, env.sender):
+            self.pulled.add(env.id)  # peers have appended it: the network moved on
         acts = self._note_slot(env, now)
         if h <= head_h:
             acts += self._reconsider(h, now)
@@ -79,13 +79,19 @@ class ChainSync:
             self.ctx.catching_up = True
         return acts
 
+    def _backed(self, height: int, miner: str) -> bool:
+        """Do peers other than the block's own miner claim ``height``? (Two of them, or every
+        other device in a tiny network.) One miner's word is not enough to skip a round."""
+        backers = {d for d, h in self.peer_heights.items() if h >= height and d != miner}
+        return len(backers) >= min(2, len(self.genesis.devices) - 2)
+
     def _on_head(self, env: Envelope, now: float) -> list:
         check_signature(env, self.genesis.pubkey(env.sender))
         height, head = env.body.get("height"), env.body.get("head")
         if not isinstance(height, int) or height < 0 or height > self.genesis.rounds or not valid_hash(head):
             raise Drop("malformed", "head")
         mine = self.states[height].head if height <= self.state.height else None
-        if height > self.state.height and self.distrusted.get(env.sender) != self.state.height:
+        if height > self.state.height and self.distrusted.get(env.sender, -1) <= self.state.height:
             if self.peer_heights.get(env.sender, -1) < height:
                 self.peer_heights[env.sender] = height
                 self.claim_since.setdefault(env.sender, now)
@@ -112,16 +118,18 @@ class ChainSync:
 
     def _sync_step(self, now: float) -> list:
         """Pull from the most advanced trusted claimer; a claim whose blocks do not come
-        within SYNC_GIVEUP_S is dropped and its peer distrusted until our height moves."""
+        within SYNC_GIVEUP_S is dropped, and that peer's claims are ignored until our own
+        height reaches the height it claimed (a liar costs one wait a run, not one a round)."""
         claims = self._claims()
         for d in [d for d in self.peer_heights if d not in claims]:
             self.peer_heights.pop(d)
             self.claim_since.pop(d, None)
         for d in [d for d in claims if now - self.claim_since.get(d, now) > SYNC_GIVEUP_S]:
-            log.warning("%s: %s claimed height %d but sent no block; ignoring its claim", self.me, d, claims.pop(d))
+            claimed = claims.pop(d)
+            log.warning("%s: %s claimed height %d but sent no block; ignoring its claims below it", self.me, d, claimed)
             self.peer_heights.pop(d)
             self.claim_since.pop(d, None)
-            self.distrusted[d] = self.state.height
+            self.distrusted[d] = claimed
             self._count("bad_claim")
         if not claims or now < self.next_pull:
             return []
@@ -209,15 +217,15 @@ class ChainSync:
             acts.append(Publish(topic(self.run, "chain", self.me), sign(self.key, body).payload()))
         start = b.get("from_height")
         if targeted and isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= len(self.chain):
-            blocks = self.chain[start - 1 : start - 1 + PULL_BATCH]
-            body = {
-                "run": self.run,
-                "kind": "chain",
-                "round": start,
-                "sender": self.me,
-                "to": env.sender,
-                "blocks": [blk.to_json() for blk in blocks],
-            }
+            body = {"run": self.run, "kind": "chain", "round": start, "sender": self.me, "to": env.sender, "blocks": []}
+            size = len(sign(self.key, body).payload())
+            for blk in self.chain[start - 1 : start - 1 + PULL_BATCH]:
+                # as many blocks as fit the message limit (one always does: ledger.MAX_BLOCK_BYTES)
+                cost = len(blk.payload()) + 1
+                if body["blocks"] and size + cost > MAX_JSON_BYTES:
+                    break
+                body["blocks"].append(blk.to_json())
+                size += cost
             acts.append(Publish(topic(self.run, "chain", self.me), sign(self.key, body).payload()))
         return acts
 

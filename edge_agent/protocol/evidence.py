@@ -13,9 +13,7 @@ from .ledger import (
     slot,
 )
 from .messages import Drop, Envelope, check_signature, from_json, sign, topic
-from .round import (
-    Publish,
-)
+from .round import REORG_DEPTH, Publish
 
 log = logging.getLogger("bfl.node")
 
@@ -44,7 +42,8 @@ class EvidenceBook:
                 env = sign(self.key, body)
                 self.seen.add(env.id)
                 acts.append(Publish(topic(self.run, "evidence", self.me), env.payload()))
-        if a.kind == "block" and who not in self.block_evidence.setdefault(a.round, set()):
+        recent = a.round > self.state.height - REORG_DEPTH  # fork choice can still change there
+        if a.kind == "block" and recent and who not in self.block_evidence.setdefault(a.round, set()):
             self.block_evidence[a.round].add(who)
             acts += self._reconsider(a.round, now)
         return acts

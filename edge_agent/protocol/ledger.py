@@ -326,9 +326,11 @@ def check_evidence(genesis: Genesis, item) -> str:
         a, b = from_json(item["a"]), from_json(item["b"])
     except Drop as exc:
         raise Drop("bad_evidence", exc.detail) from None
-    # Verify that both are of this run, of a kind that fills a slot, blocks given as headers
+    # Verify that both are of this run, of a kind that fills a slot, for a round of the run,
+    # blocks given as headers
     for e in (a, b):
         verify(e.body["run"] == genesis.run and e.kind in ("wtx", "vtx", "block"), "bad_evidence", "kind or run")
+        verify(1 <= e.round <= genesis.rounds, "bad_evidence", f"round {e.round}")
         verify(e.kind != "block" or "content" in e.body, "bad_evidence", "a block, not its header")
     # Verify that they fill one slot, differ, and come in id order
     verify(slot(a) == slot(b), "bad_evidence", "two slots")
@@ -501,8 +503,9 @@ def _canonical(value) -> bytes:
     return canonical_bytes(value)
 
 
-#: The largest block envelope: the message limit every peer enforces, less the envelope.
-MAX_BLOCK_BYTES = MAX_JSON_BYTES - 256
+#: The largest block body: the message limit every peer enforces, less room for the block's
+#: envelope and for a chain answer carrying it (a pull always gets at least one block).
+MAX_BLOCK_BYTES = MAX_JSON_BYTES - 1024
 
 
 def block_bytes(body: dict) -> int:

@@ -65,7 +65,7 @@ class MinerSteps:
         env = sign(self.key, body)
         ctx.miner = MinerPhase.PROPOSED
         self.seen.add(env.id)
-        self.slots[slot(env)] = env
+        self.slots[slot(env)] = self.signed[slot(env)] = env
         self.candidates.setdefault(ctx.round, {})[env.id] = env
         return [Publish(topic(self.run, "block", self.me), env.payload())]
 

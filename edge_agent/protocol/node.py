@@ -146,7 +146,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         # chain sync: peers' head claims are hints
         self.peer_heights: dict[str, int] = {}
         self.claim_since: dict[str, float] = {}
-        self.distrusted: dict[str, int] = {}  # peer -> our height when its claim failed
+        self.distrusted: dict[str, int] = {}  # peer -> the height it claimed and did not deliver
         self.sync_target: str | None = None
         self.next_pull = 0.0
         self.pull_from: int | None = None  # set when a peer's chain forks below our head
@@ -370,8 +370,8 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             if not ctx.wtx_pull_at:
                 ctx.wtx_pull_at = now + WTX_PULL_S
         else:
-            ctx.vtxs.setdefault(env.sender, env)
-            acts += self._fetch_named_txs(env, now)
+            if ctx.vtxs.setdefault(env.sender, env) is env:  # (not for an equivocator's second)
+                acts += self._fetch_named_txs(env, now)
         return acts
 
     # -- equivocation evidence --
@@ -531,8 +531,6 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         state, outcome = process_block(self.genesis, self.state, blk)
         self.states.append(state)
         self.chain.append(blk)
-        for d in self.distrusted:
-            self.distrusted[d] = -1  # our height moved: claims count again
         acts: list = [CommitBlock(blk, state, outcome), self._head_message()]
         named = {state.global_model} | self.own_blobs
         for cand in self.candidates.get(state.height, {}).values():
@@ -546,6 +544,8 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.aggregates = {}
         for h in [h for h in self.candidates if h < state.height - REORG_DEPTH]:
             del self.candidates[h]
+        for h in [h for h in self.block_evidence if h < state.height - REORG_DEPTH]:
+            del self.block_evidence[h]
         self.slots = {k: v for k, v in self.slots.items() if k[2] > state.height - REORG_DEPTH}
         return acts + self._begin_round(now)
 

@@ -64,7 +64,7 @@ class ValidatorSteps:
         votes = cast_votes(self.genesis, wtxs, scores, ev.global_bp, ev.trained_bp)
         env = sign(self.key, make_vtx(self.genesis, self.state, self.me, [e.id for e in wtxs], votes))
         self.seen.add(env.id)
-        self.slots[slot(env)] = env
+        self.slots[slot(env)] = self.signed[slot(env)] = env
         ctx.vtxs[self.me] = env
         self.my_vtx = env
         return [Publish(topic(self.run, "vtx", self.me), env.payload())]

@@ -43,7 +43,8 @@ class WorkerSteps:
         return [Train(ctx.round, self.state.global_model, seed_of(self.run, self.me, ctx.round))]
 
     def _signed_before(self, kind: str) -> Envelope | None:
-        """Our own message of this kind for the current slot, signed before a restart."""
+        """Our own message of this kind for the current slot, signed earlier (before a
+        restart, or before a reorganisation brought the round back): never sign another."""
         return self.signed.get((self.me, kind, self.state.height + 1, self.state.head))
 
     def _training_done(self, ev: TrainingDone, now: float) -> list:
@@ -59,7 +60,7 @@ class WorkerSteps:
         self.own_blobs.add(model_hash)
         env = sign(self.key, make_wtx(self.genesis, self.state, self.me, model_hash))
         self.seen.add(env.id)
-        self.slots[slot(env)] = env
+        self.slots[slot(env)] = self.signed[slot(env)] = env
         ctx.wtxs[env.id] = env
         self.my_wtx = env
         acts = self._accept_blob(model_hash, ev.blob)
