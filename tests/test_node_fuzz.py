@@ -124,7 +124,7 @@ class Corpus:
         self.json_messages = [m for m in self.messages if "/blob/" not in m[0]]
         self.blobs = {p.topic.split("/")[-1]: p.payload for p in honest.published + hostile.published
                       if "/blob/" in p.topic}  # fmt: skip
-        chain = honest.nodes[self.devices[0]].chain
+        chain = self.chain = honest.nodes[self.devices[0]].chain
         self.states = [ledger.genesis_state(genesis)]
         for blk in chain:
             self.states.append(ledger.process_block(genesis, self.states[-1], blk)[0])
@@ -670,8 +670,11 @@ class Harness:
         assert set(node.evidence) <= set(g.devices)
         assert all(1 <= r <= g.rounds for r in node.block_evidence), f"block evidence kept for rounds {sorted(node.block_evidence)}"
         assert set(node.peer_heights) <= set(g.devices) and all(h <= g.rounds for h in node.peer_heights.values())
+        assert len(node.invalid) <= 2 * N * g.rounds and len(node.pulled) <= 2 * N * g.rounds
         ctx = node.ctx
         if ctx is not None:
+            # a miner asks for the worker txs the validators' votes name: at most 2|W| a validator
+            assert len(ctx.asked) <= 2 * len(ctx.roles.workers) * len(ctx.roles.validators), len(ctx.asked)
             per_worker = Counter(e.sender for e in ctx.wtxs.values())
             assert set(per_worker) <= set(ctx.roles.workers) and max(per_worker.values(), default=0) <= 2
             assert set(ctx.vtxs) <= set(ctx.roles.validators)
@@ -690,26 +693,30 @@ def run_steps(victim: str, steps, pace: int = 0, dt: float = 0.5, compromised: b
     hz = Harness(victim, compromised)
     quantum = [("next", pace), ("tick", dt), ("settle",)] if pace else []
     for step in (s for st_ in steps for s in [st_, *quantum]):
-        tag = step[0]
-        if tag == "tick":
-            hz.tick(step[1])
-        elif tag == "next":  # the honest run's next messages, in order
-            for msg in hz.stream[hz.cursor : hz.cursor + step[1]]:
-                hz.deliver(msg)
-            hz.cursor += step[1]
-        elif tag == "settle":  # the shell answers everything it was asked, honestly
-            for _ in range(30):
-                if not hz.outstanding:
-                    break
-                hz.handle(hz.answer(hz.outstanding.pop(0)))
-        elif tag == "shell":  # one answer, in any order (late ones too)
-            if hz.outstanding:
-                hz.handle(hz.answer(hz.outstanding.pop(step[1] % len(hz.outstanding))))
-        elif tag in SHELL_EVENTS:
-            hz.handle(shell_event(hz, step))
-        else:
-            hz.deliver(build_message(step, hz.view, hz.published, hz.node.states))
+        run_step(hz, step)
     return hz
+
+
+def run_step(hz: Harness, step) -> None:
+    tag = step[0]
+    if tag == "tick":
+        hz.tick(step[1])
+    elif tag == "next":  # the honest run's next messages, in order
+        for msg in hz.stream[hz.cursor : hz.cursor + step[1]]:
+            hz.deliver(msg)
+        hz.cursor += step[1]
+    elif tag == "settle":  # the shell answers everything it was asked, honestly
+        for _ in range(30):
+            if not hz.outstanding:
+                break
+            hz.handle(hz.answer(hz.outstanding.pop(0)))
+    elif tag == "shell":  # one answer, in any order (late ones too)
+        if hz.outstanding:
+            hz.handle(hz.answer(hz.outstanding.pop(step[1] % len(hz.outstanding))))
+    elif tag in SHELL_EVENTS:
+        hz.handle(shell_event(hz, step))
+    else:
+        hz.deliver(build_message(step, hz.view, hz.published, hz.node.states))
 
 
 SHELL_EVENTS = ("train_done", "eval_done", "agg_done", "failed", "global_eval")
@@ -908,3 +915,82 @@ def run_with_noise(seed, noise) -> SimNet:
     net.start()
     net.run(max_steps=400_000, until=inject)
     return net
+
+
+# ---- reorganising: an honest device never signs twice for one slot ---------------------------
+
+
+def until_height(hz: Harness, h: int) -> Harness:
+    """Deliver the honest run's messages, the shell answering at once, until the victim holds
+    block ``h``."""
+    for msg in hz.stream:
+        if hz.node.state.height >= h:
+            break
+        hz.deliver(msg)
+        while hz.outstanding:
+            hz.handle(hz.answer(hz.outstanding.pop(0)))
+    assert hz.node.state.height >= h
+    return hz
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, print_blob=False,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(role=st.sampled_from(["workers", "validators", "miners"]), k=st.integers(0, 2), height=st.integers(1, ROUNDS),
+       rival=st.one_of(st.tuples(st.just("miners"), st.integers(0, ROLES[2] - 1)), SIGNER),
+       then=st.lists(st.one_of(st.tuples(st.just("tick"), st.sampled_from([0.5, 3.0, 11.0, 21.0, 31.0])),
+                               *DRIVE_STEPS[1:]), min_size=1, max_size=10))  # fmt: skip
+def test_no_second_message_for_a_slot_after_a_reorganisation(role, k, height, rival, then):
+    """A device of each role at block ``height`` gets a rival block for its head (a second
+    block of the head's miner is evidence against it; one of another miner may be better):
+    whatever it reorganises to, and however late the shell answers, it never signs a second,
+    different transaction or block for a slot it filled (``Harness.check_publish``)."""
+    victim = pick(getattr(ledger.roles_for(C.genesis, C.states[height - 1]), role), k)
+    hz = until_height(Harness(victim), height)
+    hz.deliver(build_message(("block", rival, "parent", False, 0, None), hz.view, (), hz.node.states))
+    for step in then:
+        run_step(hz, step)
+
+
+# ---- reproducers of the bugs the properties found (minimised, deterministic) -----------------
+
+
+@pytest.mark.parametrize("role, wait_s", [("validators", 11.0), ("miners", 21.0)])
+def test_bug_reorganising_makes_an_honest_device_sign_a_second_message_for_its_slot(role, wait_s):
+    """Found by test_victim_survives_hostile_event_sequences and
+    test_no_second_message_for_a_slot_after_a_reorganisation, minimised.
+
+    An honest validator (miner) of round 1 votes (proposes), appends block 1; then the miner
+    of block 1 is shown to have signed a second block for height 1 (the equivocating miner
+    of test_byzantine.py). The evidence reorganises the victim to height 0 and ``_begin_round``
+    opens a fresh RoundCtx for round 1: every phase back to COLLECTING. The new decision waits
+    for the shell's aggregation of the other candidate; when the train (train + validate)
+    deadline passes before it comes, the victim votes (mines) round 1 again, on what this new
+    context holds (nothing): a second, different validator tx (block) for the slot (sender,
+    kind, 1, genesis) it already filled. Its peers hold both: evidence, and the honest device
+    is slashed and blacklisted."""
+    head_miner = C.chain[0].sender  # the honest chain's block 1: the victim appends it too
+    victim = next(d for d in getattr(ledger.roles_for(C.genesis, C.states[0]), role) if d != head_miner)
+    hz = until_height(Harness(victim), 1)
+    assert hz.node.chain[0].id == C.chain[0].id and hz.my_slots
+    second = ledger.build_block(C.genesis, C.states[0], head_miner, [], [], C.init)
+    hz.deliver((topic(C.run, "block", head_miner), sign(C.keys[head_miner], second).payload()))
+    assert hz.node.reorgs == 1 and hz.node.state.height == 0 and hz.outstanding  # checking the other candidate
+    hz.tick(wait_s)  # AssertionError: the node equivocated: two vtxs (blocks) for slot ('vtx', 1)
+
+
+def test_bug_block_evidence_for_rounds_outside_the_run_is_kept_forever():
+    """Found by test_victim_survives_hostile_event_sequences, minimised.
+
+    Evidence that a device signed two block headers for one slot is accepted for any round
+    (``check_evidence`` does not bound it), and ``Node._learn_evidence`` records the
+    equivocator in ``block_evidence[round]`` before anything looks at the round; entries are
+    never removed. One admitted device can sign a pair for each of 2**53 rounds and have
+    another (or itself) relay them: the victim's memory grows by one entry per message."""
+    node = nd.Node("d01", C.keys["d01"], C.genesis)
+    node.start(0.0)
+    rounds = [0, ROUNDS + 1, 10**6, 2**53 - 1, *range(100, 140)]
+    for rnd in rounds:
+        item = _pair("d02", "block", rnd, C.states[0])
+        env = sign(C.keys["d03"], {"run": C.run, "kind": "evidence", "round": rnd, "sender": "d03", "item": item})
+        assert node.handle(nd.Received(topic(C.run, "evidence", "d03"), env.payload()), 0.0) is not None
+    assert len(node.block_evidence) <= ROUNDS, f"{len(node.block_evidence)} rounds of block evidence kept"
