@@ -58,7 +58,7 @@ from edge_agent.protocol.messages import (
     valid_id,
 )
 
-from simnet import DIM, TARGET, SimNet, accuracy_bp, blob_of, vec_of
+from simnet import DIM, TARGET, SimNet, accuracy_bp, blob_of, make_run, vec_of
 
 N, ROLES, ROUNDS = 8, (3, 2, 2), 3
 #: the topic kinds a node handles (messages.parse_topic); the others it must drop
@@ -842,7 +842,7 @@ DRIVE_STEPS = [
 # honest progress is drawn as often as hostility, so the victim gets through the rounds
 STEP = st.one_of(*DRIVE_STEPS, *DRIVE_STEPS, *DRIVE_STEPS, *MESSAGE_STEPS, *SHELL_STEPS)
 
-FUZZ = settings(max_examples=500, deadline=None, derandomize=True, database=None, print_blob=False,
+FUZZ = settings(max_examples=600, deadline=None, derandomize=True, database=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
 
 
@@ -875,10 +875,19 @@ def test_corpus_is_real():
 #: its slot messages may be doubled, so it may be slashed; every other key signs only
 #: messages that fill no slot (sync requests, chain answers, head claims, evidence)
 COMPROMISED = ledger.roles_for(C.genesis, C.states[0]).validators[0]
-NOISE = st.tuples(st.integers(0, 1500), st.one_of(*MESSAGE_STEPS), st.none() | st.lists(DEV, min_size=1, max_size=4))
+B = C.devices.index(COMPROMISED)
+#: messages signed with the compromised key, built on its node's head (or parent)
+COMPROMISED_STEPS = [
+    st.tuples(st.just("wtx"), st.just(B), AT, IDX, st.none()),
+    st.tuples(st.just("vtx"), st.just(B), AT, st.lists(VOTE_SPEC, max_size=3), st.lists(IDX, max_size=2), st.none()),
+    st.tuples(st.just("block"), st.just(B), AT, st.booleans(), IDX, st.none()),
+    st.tuples(st.just("evidence"), DEV, ROUND, st.tuples(st.just("pair"), st.just(B), st.sampled_from(SLOT_KINDS), ROUND, AT)),
+]
+NOISE = st.tuples(st.integers(0, 1000), st.one_of(*MESSAGE_STEPS, *COMPROMISED_STEPS),
+                  st.none() | st.lists(DEV, min_size=1, max_size=4))  # fmt: skip
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=False,
+@settings(max_examples=20, deadline=None, derandomize=True, database=None, print_blob=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
 @given(seed=st.integers(0, 2**32 - 1), noise=st.lists(NOISE, min_size=5, max_size=60))
 def test_liveness_with_hostile_noise_in_random_delivery_orders(seed, noise):
@@ -893,6 +902,10 @@ def test_liveness_with_hostile_noise_in_random_delivery_orders(seed, noise):
     for d, n in net.nodes.items():
         assert n.finished and [b.id for b in net.committed[d]] == [b.id for b in chain]
         assert set(n.drops) <= set(DROP_REASONS)
+    event(f"compromised key slashed: {COMPROMISED in ledger.replay(C.genesis, chain).slashed}")
+    event(f"reorganised: {any(n.reorgs for n in net.nodes.values())}")
+    for r in set().union(*(n.drops for n in net.nodes.values())):
+        event(f"drop {r}")
 
 
 def run_with_noise(seed, noise) -> SimNet:
@@ -907,7 +920,7 @@ def run_with_noise(seed, noise) -> SimNet:
         while schedule and schedule[0][0] <= steps[0]:
             _, spec, dests = schedule.pop(0)
             view.add((p.topic, p.payload) for p in net.published[len(view.messages) :])  # replayable
-            msg = build_message(spec, view)
+            msg = build_message(spec, view, (), net.nodes[COMPROMISED].states)
             if msg is not None:
                 net.send(nd.Publish(*msg), None if dests is None else sorted({pick(C.devices, d) for d in dests}))
         return False
@@ -933,7 +946,7 @@ def until_height(hz: Harness, h: int) -> Harness:
     return hz
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None, print_blob=False,
+@settings(max_examples=100, deadline=None, derandomize=True, database=None, print_blob=False,
           suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 @given(role=st.sampled_from(["workers", "validators", "miners"]), k=st.integers(0, 2), height=st.integers(1, ROUNDS),
        rival=st.one_of(st.tuples(st.just("miners"), st.integers(0, ROLES[2] - 1)), SIGNER),
@@ -994,3 +1007,45 @@ def test_bug_block_evidence_for_rounds_outside_the_run_is_kept_forever():
         env = sign(C.keys["d03"], {"run": C.run, "kind": "evidence", "round": rnd, "sender": "d03", "item": item})
         assert node.handle(nd.Received(topic(C.run, "evidence", "d03"), env.payload()), 0.0) is not None
     assert len(node.block_evidence) <= ROUNDS, f"{len(node.block_evidence)} rounds of block evidence kept"
+
+
+def _full_chain(n, roles, rounds):
+    """A chain of ``rounds`` blocks in which every worker's update is voted on by every
+    validator: blocks of the size the genesis' roles give (built with the ledger's own
+    functions, without a network)."""
+    genesis, keys, _ = make_run(n=n, roles=roles, rounds=rounds, run="big")
+    state, chain = ledger.genesis_state(genesis), []
+    for r in range(1, rounds + 1):
+        rl = ledger.roles_for(genesis, state)
+        wtxs = [sign(keys[w], ledger.make_wtx(genesis, state, w, sha256_hex(f"{r}|{w}".encode()))) for w in rl.workers]
+        scores = {w.body["model"]: (5000, 1000) for w in wtxs}
+        votes = ledger.cast_votes(genesis, wtxs, scores, 0, None)
+        vtxs = [sign(keys[v], ledger.make_vtx(genesis, state, v, [w.id for w in wtxs], votes)) for v in rl.validators]
+        miner = rl.miners[0]
+        blk = sign(keys[miner], ledger.build_block(genesis, state, miner, wtxs, vtxs, sha256_hex(f"G{r}".encode())))
+        state, _ = ledger.process_block(genesis, state, blk)
+        chain.append(blk)
+    return genesis, keys, chain
+
+
+def test_bug_a_chain_answer_exceeds_the_message_limit_for_an_admitted_genesis():
+    """Found by checking the Publish invariant (every message a node publishes is within
+    messages.MAX_JSON_BYTES, so its peers do not drop it as too_large) on larger runs than
+    the fuzz's.
+
+    ``check_block_bound`` admits a genesis when ONE block fits the message limit, but
+    ``Node._on_sync`` answers a pull with up to PULL_BATCH (8) blocks in one chain message.
+    With |W| = 40, |V| = 30 a block is ~380 kB (1 200 votes), so three of them are over the
+    1 MiB limit: every peer drops the answer as ``too_large`` and a device that fell behind
+    can never catch up by pulling."""
+    genesis, keys, chain = _full_chain(n=72, roles=(40, 30, 2), rounds=3)
+    me = "d00"
+    node = nd.Node(me, keys[me], genesis, chain)
+    node.start(0.0)
+    req = sign(keys["d01"], {"run": genesis.run, "kind": "sync", "round": 1, "sender": "d01", "nonce": 1,
+                             "target": me, "from_height": 1, "blobs": []})  # fmt: skip
+    acts = node.handle(nd.Received(topic(genesis.run, "sync", "d01"), req.payload()), 0.0)
+    answers = [a for a in acts if isinstance(a, nd.Publish) and "/chain/" in a.topic]
+    assert answers and all(len(blk.payload()) <= ledger.MAX_BLOCK_BYTES for blk in chain)
+    for a in answers:
+        assert len(a.payload) <= MAX_JSON_BYTES, f"a chain answer of {len(a.payload)} bytes (limit {MAX_JSON_BYTES})"
