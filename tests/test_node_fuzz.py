@@ -674,7 +674,8 @@ class Harness:
         ctx = node.ctx
         if ctx is not None:
             # a miner asks for the worker txs the validators' votes name: at most 2|W| a validator
-            assert len(ctx.asked) <= 2 * len(ctx.roles.workers) * len(ctx.roles.validators), len(ctx.asked)
+            bound = 2 * len(ctx.roles.workers) * len(ctx.roles.validators)
+            assert len(ctx.asked) <= bound, f"a miner asked for {len(ctx.asked)} worker txs (2|W||V| = {bound})"
             per_worker = Counter(e.sender for e in ctx.wtxs.values())
             assert set(per_worker) <= set(ctx.roles.workers) and max(per_worker.values(), default=0) <= 2
             assert set(ctx.vtxs) <= set(ctx.roles.validators)
@@ -1049,3 +1050,22 @@ def test_bug_a_chain_answer_exceeds_the_message_limit_for_an_admitted_genesis():
     assert answers and all(len(blk.payload()) <= ledger.MAX_BLOCK_BYTES for blk in chain)
     for a in answers:
         assert len(a.payload) <= MAX_JSON_BYTES, f"a chain answer of {len(a.payload)} bytes (limit {MAX_JSON_BYTES})"
+
+
+def test_bug_an_equivocating_validator_grows_a_miners_asked_set_without_bound():
+    """Found by the ``ctx.asked`` bound of ``Harness.check`` (a miner asks for at most the
+    2|W| worker txs each validator's one tx may name), with directed steps.
+
+    ``Node._on_tx`` keeps the first validator tx of each validator (``ctx.vtxs.setdefault``)
+    but calls ``_fetch_named_txs`` for every one that passes the gossip rules: each further,
+    different tx of an equivocating validator naming 2|W| unknown ids adds them to
+    ``ctx.asked`` and makes the miner publish one more sync request, though that tx is never
+    used (and the first two already are evidence). One message, 2|W| ids kept for the round
+    and a publication: memory and traffic grow with the equivocator's messages."""
+    r1 = ledger.roles_for(C.genesis, C.states[0])
+    miner, validator = r1.miners[-1], r1.validators[0]
+    hz = Harness(miner)
+    for i in range(3):  # three different validator txs of one validator, each naming 2|W| unknown worker txs
+        unknown = [i * 2 * ROLES[0] + j for j in range(2 * ROLES[0])]
+        hz.deliver(build_message(("vtx", C.devices.index(validator), "head", [], unknown, None), hz.view))
+    # AssertionError (Harness.check) on the third: len(ctx.asked) 18 > 2|W||V| = 12
