@@ -1069,3 +1069,26 @@ def test_bug_an_equivocating_validator_grows_a_miners_asked_set_without_bound():
         unknown = [i * 2 * ROLES[0] + j for j in range(2 * ROLES[0])]
         hz.deliver(build_message(("vtx", C.devices.index(validator), "head", [], unknown, None), hz.view))
     # AssertionError (Harness.check) on the third: len(ctx.asked) 18 > 2|W||V| = 12
+
+
+@pytest.mark.parametrize("role", ["validators", "miners", "workers"])
+def test_bug_one_miner_makes_a_device_skip_the_round_with_its_own_empty_block(role):
+    """Found by directed steps after the fuzz ("head" and "chain" steps signed by a miner),
+    not by an invariant: a weakness of ``Node._network_moved_on``.
+
+    A miner P of round 1 signs an empty candidate at once (no update can be in it yet), claims
+    in a head message to have appended it, and sends it in a chain answer. The device takes
+    the block as pulled from a peer that has appended it, so ``_network_moved_on`` holds: the
+    round is ``catching_up``, no role work is done (the validator never votes, the other
+    miner never mines) and P's empty block is appended at time 0. One device's claim stands
+    for "the network": a miner can void every round it mines, with two messages."""
+    r1 = ledger.roles_for(C.genesis, C.states[0])
+    p = r1.miners[0]
+    victim = next(d for d in getattr(r1, role) if d != p)
+    hz = Harness(victim)
+    empty = sign(C.keys[p], ledger.build_block(C.genesis, C.states[0], p, [], [], C.init))
+    head = {"run": C.run, "kind": "head", "round": 1, "sender": p, "height": 1, "head": empty.id}
+    answer = {"run": C.run, "kind": "chain", "round": 1, "sender": p, "to": victim, "blocks": [empty.to_json()]}
+    hz.deliver((topic(C.run, "head", p), sign(C.keys[p], head).payload()))
+    hz.deliver((topic(C.run, "chain", p), sign(C.keys[p], answer).payload()))
+    assert hz.node.state.height == 0, f"{victim} appended {p}'s empty block 1 at t=0 on {p}'s word alone"
