@@ -20,13 +20,19 @@ blobs) is driven with a sequence of steps drawn by hypothesis, mixing
   tasks, made-up hashes);
 - clock ticks (``now`` only grows).
 
-After every step the node's invariants are checked (``Harness.check``): nothing escaped
-``Node.handle`` / ``Node.tick``, and the state, the chain, the blobs, the buffers and every
-message the node publishes are sound. ``test_liveness_*`` runs a whole SimNet with hostile
-noise injected in random delivery orders: every node still ends with the one same chain.
+After every step the node's invariants are checked (``Harness.check``, ``check_publish``):
+nothing escaped ``Node.handle`` / ``Node.tick``; junk is counted as a drop of a known reason;
+the state is the replay of the chain, which is what the shell persisted; blobs are the ones
+stored and not deleted; buffers, candidates and evidence stay within bounds that do not grow
+with what is received; every message the node publishes is one its peers accept, and it
+never signs two different messages for one slot (an honest device must never look like an
+equivocator). ``test_no_second_message_for_a_slot_after_a_reorganisation`` aims the same
+checks at reorganisations; ``test_liveness_*`` runs a whole SimNet with hostile noise
+injected in random delivery orders: every node still ends with the one same chain.
 
 Steps are plain tuples, so a failing sequence can be pasted into ``run_steps`` as a
-deterministic reproducer.
+deterministic reproducer; the ``test_bug_*`` functions at the end are such reproducers,
+minimised, of what the properties found in the core.
 """
 
 from __future__ import annotations
@@ -498,11 +504,11 @@ _REPLAYED: dict[tuple, ledger.State] = {}
 
 
 def replay_states(blocks) -> list[ledger.State]:
-    """``ledger.replay`` of every prefix of ``blocks`` (memoised by block ids: an id fixes
-    the block's content)."""
+    """``ledger.replay`` of every prefix of ``blocks`` (memoised by block ids and signatures:
+    an id fixes the block's content)."""
     out = []
     for i in range(len(blocks) + 1):
-        k = tuple(b.id for b in blocks[:i])
+        k = tuple((b.id, b.sig) for b in blocks[:i])
         if k not in _REPLAYED:
             _REPLAYED[k] = ledger.replay(C.genesis, blocks[:i])
         out.append(_REPLAYED[k])
@@ -535,7 +541,6 @@ class Harness:
         self.my_slots: dict[tuple, str] = {}  # slot -> id of the wtx/vtx/block the victim signed
         self.published: list[tuple[str, bytes]] = []
         self.cursor = 0
-        self.steps = 0
         self.apply(self.node.start(self.now))
         self.check()
 
@@ -638,7 +643,6 @@ class Harness:
 
     def check(self):
         node, g = self.node, C.genesis
-        self.steps += 1
         # every drop reason is a known one
         assert set(node.drops) <= set(DROP_REASONS), set(node.drops) - set(DROP_REASONS)
         # the chain: heights consecutive, each block on the previous head, states = replay
@@ -716,8 +720,26 @@ def run_step(hz: Harness, step) -> None:
             hz.handle(hz.answer(hz.outstanding.pop(step[1] % len(hz.outstanding))))
     elif tag in SHELL_EVENTS:
         hz.handle(shell_event(hz, step))
+    elif tag in ("bytes", "topic", "json"):  # junk: dropped, and counted
+        msg = build_message(step, hz.view)
+        before = sum(hz.node.drops.values()) + hz.node.duplicates
+        hz.deliver(msg)
+        if not _may_pass_silently(hz.me, msg):
+            assert sum(hz.node.drops.values()) + hz.node.duplicates > before, f"junk on {msg[0]} not counted as a drop"
     else:
         hz.deliver(build_message(step, hz.view, hz.published, hz.node.states))
+
+
+def _may_pass_silently(me: str, msg) -> bool:
+    """A blob (held until a tx names it), or a chain answer to another device (every device
+    sees the answers to all): traffic a node ignores without dropping it."""
+    try:
+        if parse_topic(msg[0]).kind == "blob":
+            return True
+        body = decode(msg[1]).body
+    except Drop:
+        return False
+    return body["kind"] == "chain" and body.get("to") != me
 
 
 SHELL_EVENTS = ("train_done", "eval_done", "agg_done", "failed", "global_eval")
