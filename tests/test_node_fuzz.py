@@ -886,15 +886,15 @@ def test_victim_survives_hostile_event_sequences(victim, steps, pace, dt, compro
         event("reorg")
 
 
-# ---- liveness: hostile noise in an honest SimNet run ----------------------------------------
-
-
 def test_corpus_is_real():
     """The corpus holds what the steps need: every kind, evidence, second candidates."""
     kinds = Counter(t.split("/")[3] for t, _ in C.messages)
     assert all(kinds[k] for k in SUBSCRIBED), kinds
     assert C.evidence_items and len(C.blocks) > ROUNDS * ROLES[2]
     assert len(C.states) == ROUNDS + 1
+
+
+# ---- liveness: hostile noise in an honest SimNet run ----------------------------------------
 
 
 #: the device whose key the noise may sign transactions and blocks with (a compromised key):
