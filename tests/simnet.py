@@ -184,7 +184,8 @@ class SimNet:
                     self.reports.append((dev, ev))
                 self.deliver(dev, ev)
                 continue
-            live = [n for d, n in self.nodes.items() if d not in self.silent]
+            # (a byzantine device need not finish: e.g. once slashed, its pulls go unanswered)
+            live = [n for d, n in self.nodes.items() if d not in self.silent and d not in self.byzantine]
             if all(n.finished for n in live):
                 return
             self.now += advance_clock

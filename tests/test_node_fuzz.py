@@ -619,6 +619,10 @@ class Harness:
                 assert a.hash in self.store, "asked to re-publish a blob the store does not hold"
             elif isinstance(a, nd.Finished):
                 assert a.state == node.state
+            elif isinstance(a, nd.Dropped):
+                assert a.reason in DROP_REASONS and a.count >= 1
+            elif isinstance(a, nd.RoundStarted):
+                assert a.round == node.state.height + 1 or a.round <= len(self.committed) + 1
             else:
                 raise AssertionError(f"unknown action {a!r}")
 
@@ -995,8 +999,8 @@ def test_no_second_message_for_a_slot_after_a_reorganisation(role, k, height, ri
 
 
 @pytest.mark.parametrize("role, wait_s", [("validators", 11.0), ("miners", 21.0)])
-def test_bug_reorganising_makes_an_honest_device_sign_a_second_message_for_its_slot(role, wait_s):
-    """Found by test_victim_survives_hostile_event_sequences and
+def test_a_reorganised_round_never_makes_an_honest_device_sign_twice(role, wait_s):
+    """A regression test. The bug, as found by test_victim_survives_hostile_event_sequences and
     test_no_second_message_for_a_slot_after_a_reorganisation, minimised.
 
     An honest validator (miner) of round 1 votes (proposes), appends block 1; then the miner
@@ -1015,11 +1019,11 @@ def test_bug_reorganising_makes_an_honest_device_sign_a_second_message_for_its_s
     second = ledger.build_block(C.genesis, C.states[0], head_miner, [], [], C.init)
     hz.deliver((topic(C.run, "block", head_miner), sign(C.keys[head_miner], second).payload()))
     assert hz.node.reorgs == 1 and hz.node.state.height == 0 and hz.outstanding  # checking the other candidate
-    hz.tick(wait_s)  # AssertionError: the node equivocated: two vtxs (blocks) for slot ('vtx', 1)
+    hz.tick(wait_s)  # before the fix: "the node equivocated: two vtxs (blocks) for slot ('vtx', 1)"
 
 
-def test_bug_block_evidence_for_rounds_outside_the_run_is_kept_forever():
-    """Found by test_victim_survives_hostile_event_sequences, minimised.
+def test_block_evidence_outside_the_run_or_the_reorg_window_is_not_kept():
+    """A regression test. The bug, as found by test_victim_survives_hostile_event_sequences, minimised.
 
     Evidence that a device signed two block headers for one slot is accepted for any round
     (``check_evidence`` does not bound it), and ``Node._learn_evidence`` records the
@@ -1055,8 +1059,8 @@ def _full_chain(n, roles, rounds):
     return genesis, keys, chain
 
 
-def test_bug_a_chain_answer_exceeds_the_message_limit_for_an_admitted_genesis():
-    """Found by checking the Publish invariant (every message a node publishes is within
+def test_a_chain_answer_fits_the_message_limit_for_any_admitted_genesis():
+    """A regression test. The bug, as found by checking the Publish invariant (every message a node publishes is within
     messages.MAX_JSON_BYTES, so its peers do not drop it as too_large) on larger runs than
     the fuzz's.
 
@@ -1078,8 +1082,8 @@ def test_bug_a_chain_answer_exceeds_the_message_limit_for_an_admitted_genesis():
         assert len(a.payload) <= MAX_JSON_BYTES, f"a chain answer of {len(a.payload)} bytes (limit {MAX_JSON_BYTES})"
 
 
-def test_bug_an_equivocating_validator_grows_a_miners_asked_set_without_bound():
-    """Found by the ``ctx.asked`` bound of ``Harness.check`` (a miner asks for at most the
+def test_an_equivocating_validator_cannot_grow_a_miners_requests():
+    """A regression test. The bug, as found by the ``ctx.asked`` bound of ``Harness.check`` (a miner asks for at most the
     2|W| worker txs each validator's one tx may name), with directed steps.
 
     ``Node._on_tx`` keeps the first validator tx of each validator (``ctx.vtxs.setdefault``)
@@ -1094,12 +1098,12 @@ def test_bug_an_equivocating_validator_grows_a_miners_asked_set_without_bound():
     for i in range(3):  # three different validator txs of one validator, each naming 2|W| unknown worker txs
         unknown = [i * 2 * ROLES[0] + j for j in range(2 * ROLES[0])]
         hz.deliver(build_message(("vtx", C.devices.index(validator), "head", [], unknown, None), hz.view))
-    # AssertionError (Harness.check) on the third: len(ctx.asked) 18 > 2|W||V| = 12
+    # before the fix, Harness.check failed on the third: len(ctx.asked) 18 > 2|W||V| = 12
 
 
 @pytest.mark.parametrize("role", ["validators", "miners", "workers"])
-def test_bug_one_miner_makes_a_device_skip_the_round_with_its_own_empty_block(role):
-    """Found by directed steps after the fuzz ("head" and "chain" steps signed by a miner),
+def test_one_miner_cannot_make_a_device_skip_the_round_with_its_own_block(role):
+    """A regression test. The bug, as found by directed steps after the fuzz ("head" and "chain" steps signed by a miner),
     not by an invariant: a weakness of ``Node._network_moved_on``.
 
     A miner P of round 1 signs an empty candidate at once (no update can be in it yet), claims
