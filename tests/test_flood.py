@@ -86,7 +86,9 @@ from edge_agent.store import ChainStore
 
 pytestmark = pytest.mark.slow
 
-DEVICES, ROLES, ROUNDS = 7, "3,2,2", 10  # 3+2+2 = 7: the insider has a role in every round
+DEVICES, ROLES, ROUNDS = 7, "3,2,2", 20  # 3+2+2 = 7: the insider has a role in every round
+# (20 rounds: once the insider is slashed a round takes about a second here, and the flood
+# must be over two rounds before the end for every agent to have taken it all in)
 INSIDER = "d06"
 TARGET = 10_000  # hostile messages, at least
 RATE = 600  # messages per second, about (the broker queues at most 1000 per slow subscriber)
