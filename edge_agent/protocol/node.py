@@ -36,6 +36,7 @@ from .evidence import EvidenceBook
 from .genesis import Genesis
 from .ledger import (
     InvalidBlock,
+    Outcome,
     State,
     check_tx,
     equivocators,
@@ -50,6 +51,7 @@ from .messages import DEFAULT_MAX_BLOB_BYTES, Drop, Envelope, decode, parse_topi
 from .miner import MinerSteps
 from .round import *  # noqa: F403  (events, actions, phases: re-exported for the shell)
 from .round import (
+    BLOB_GRACE_MIN_S,
     CHECK_TRIES,
     FUTURE_LIMIT,
     FUTURE_ROUNDS,
@@ -137,6 +139,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         # candidates for each height (gossiped or pulled), verdicts, evidence
         self.candidates: dict[int, dict[str, Envelope]] = {}
         self.invalid: set[str] = set()
+        self.processed: dict[str, tuple[State, Outcome]] = {}  # candidate id -> process_block's result
         self.unavailable: set[str] = set()  # candidates whose accepted blobs never came (until a peer has them)
         self.blob_source: dict[str, str] = {}  # candidate -> a peer that appended it (holds its blobs)
         self.pulled: set[str] = set()  # candidates pulled from a peer that had appended them
@@ -262,7 +265,17 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         return not ctx.catching_up and not self._claims()
 
     def _validator_ready(self, ctx: RoundCtx, now: float) -> bool:
-        return self._updates_complete() or ctx.elapsed_ms(now) >= self.dl["train"]
+        return self._updates_complete() or ctx.elapsed_ms(now) >= self.dl["train"] or self._blob_grace_over(ctx, now)
+
+    def _blob_grace_over(self, ctx: RoundCtx, now: float) -> bool:
+        """Every worker's tx is in but some blob is not, for longer than a tenth of the train
+        deadline (at least BLOB_GRACE_MIN_S): a worker that never publishes the model it names
+        costs the round that grace, not the whole train deadline."""
+        if not set(ctx.roles.workers) <= ctx.workers_in():
+            return False
+        if not ctx.all_wtx_at:
+            ctx.all_wtx_at = now
+        return now - ctx.all_wtx_at >= max(BLOB_GRACE_MIN_S, self.dl["train"] / 10_000)
 
     def _miner_ready(self, ctx: RoundCtx, now: float) -> bool:
         t = ctx.elapsed_ms(now)
@@ -271,7 +284,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             return (set(ctx.roles.validators) <= set(ctx.vtxs) and named_all) or t >= self.dl["train"] + self.dl[
                 "validate"
             ]
-        return self._updates_complete() or t >= self.dl["train"]  # baselines: no votes
+        return self._updates_complete() or t >= self.dl["train"] or self._blob_grace_over(ctx, now)  # baselines
 
     def _waiting_for_updates(self, ctx: RoundCtx) -> bool:
         return (ctx.roles.is_validator(self.me) and ctx.validator is ValidatorPhase.COLLECTING) or (
@@ -440,7 +453,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         ctx.checking, ctx.chain, ctx.retry_at = None, ChainPhase.WAITING, 0.0
         if blk is None:
             return []
-        _, outcome = process_block(self.genesis, self.state, blk)
+        _, outcome = self._process(blk)
         self.aggregates[outcome.inputs] = ev.model_hash
         if ev.model_hash != blk.body["global_model"]:
             self._reject(blk, "wrong_global_model", "G_j differs from our aggregate")
@@ -487,7 +500,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         if blk is None:
             ctx.checking, ctx.chain = None, ChainPhase.WAITING
             return []
-        _, outcome = process_block(self.genesis, self.state, blk)
+        _, outcome = self._process(blk)
         return [Aggregate(blk.id, outcome.inputs, self.state.global_model)]
 
     # -- everyone: fork choice, append, reorganise --
@@ -507,7 +520,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             if blk.id in self.invalid:
                 continue
             try:
-                _, outcome = process_block(self.genesis, self.state, blk)
+                _, outcome = self._process(blk)
             except InvalidBlock as exc:
                 self._reject(blk, exc.reason, exc.detail)
                 continue
@@ -522,13 +535,22 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             return [Aggregate(blk.id, outcome.inputs, self.state.global_model)]
         return []
 
+    def _process(self, blk: Envelope) -> tuple[State, Outcome]:
+        """``ledger.process_block`` on our head, once per candidate: deciding, checking G_j
+        and appending reuse the result (a block's id fixes its parent, so the result holds
+        for as long as the candidate does)."""
+        hit = self.processed.get(blk.id)
+        if hit is None:
+            hit = self.processed[blk.id] = process_block(self.genesis, self.state, blk)
+        return hit
+
     def _reject(self, blk: Envelope, reason: str, detail: str) -> None:
         self.invalid.add(blk.id)
         self._count(reason)
         log.warning("%s: invalid block %s from %s: %s: %s", self.me, blk.id[:12], blk.sender, reason, detail)
 
     def _commit(self, blk: Envelope, now: float) -> list:
-        state, outcome = process_block(self.genesis, self.state, blk)
+        state, outcome = self._process(blk)
         self.states.append(state)
         self.chain.append(blk)
         acts: list = [CommitBlock(blk, state, outcome), self._head_message()]
@@ -543,7 +565,8 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.pending = {}
         self.aggregates = {}
         for h in [h for h in self.candidates if h < state.height - REORG_DEPTH]:
-            del self.candidates[h]
+            for gone in self.candidates.pop(h):
+                self.processed.pop(gone, None)
         for h in [h for h in self.block_evidence if h < state.height - REORG_DEPTH]:
             del self.block_evidence[h]
         self.slots = {k: v for k, v in self.slots.items() if k[2] > state.height - REORG_DEPTH}

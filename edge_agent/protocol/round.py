@@ -26,6 +26,7 @@ __all__ = [
     "REORG_DEPTH",
     "PENDING_BLOBS_PER_SENDER",
     "CHECK_TRIES",
+    "BLOB_GRACE_MIN_S",
     "Received",
     "TrainingDone",
     "TaskFailed",
@@ -61,6 +62,7 @@ WTX_PULL_S = 5.0  # after the first worker tx of a round, ask for the missing on
 PULL_BATCH = 8  # blocks per catch-up answer
 REORG_DEPTH = 2  # a better candidate for one of the last this many blocks reorganises
 PENDING_BLOBS_PER_SENDER = 1
+BLOB_GRACE_MIN_S = 5.0  # once every worker tx is in, missing blobs get max(this, train deadline / 10)
 CHECK_TRIES = 10  # blob requests for one candidate before it is taken as unavailable  # blobs held in memory until a transaction names them
 
 
@@ -247,6 +249,7 @@ class RoundCtx:
     check_tries: int = 0  # blob requests for the candidate being checked
     waiting_logged: bool = False
     wtx_pull_at: float = 0.0  # when to ask missing workers to re-publish (0: not yet due)
+    all_wtx_at: float = 0.0  # when every worker's tx had arrived
     asked: set[str] = field(default_factory=set)  # worker tx ids a miner asked validators for
 
     def elapsed_ms(self, now: float) -> float:
