@@ -66,7 +66,7 @@ class ChainSync:
         self.seen.add(env.id)
         held = self.candidates.setdefault(h, {})
         if env.id in held:
-            return []
+            raise Drop("duplicate", f"block {env.id[:12]} held")
         if sum(1 for c in held.values() if c.sender == env.sender) >= 2:
             raise Drop("equivocation", f"third block from {env.sender}")
         held[env.id] = env
@@ -87,6 +87,7 @@ class ChainSync:
 
     def _on_head(self, env: Envelope, now: float) -> list:
         check_signature(env, self.genesis.pubkey(env.sender))
+        self.seen.add(env.id)
         height, head = env.body.get("height"), env.body.get("head")
         if not isinstance(height, int) or height < 0 or height > self.genesis.rounds or not valid_hash(head):
             raise Drop("malformed", "head")
@@ -232,7 +233,7 @@ class ChainSync:
     def _on_chain(self, env: Envelope, now: float) -> list:
         """An answer to our pull: each block passes the same rules as a gossiped one."""
         if env.body.get("to") != self.me:
-            return []  # an answer to someone else
+            raise Drop("not_for_us", f"a chain answer to {env.body.get('to')!r}")
         check_signature(env, self.genesis.pubkey(env.sender))
         self.seen.add(env.id)
         blocks, txs = env.body.get("blocks"), env.body.get("txs", [])

@@ -53,7 +53,11 @@ class EvidenceBook:
         self.seen.add(env.id)
         if set(env.body) != {"run", "kind", "round", "sender", "item"}:
             raise Drop("malformed", "evidence fields")
+        known = (dict(self.evidence), {h: set(s) for h, s in self.block_evidence.items()})
         try:
-            return self._learn_evidence(env.body["item"], now, publish=False)
+            acts = self._learn_evidence(env.body["item"], now, publish=False)
         except Drop as exc:
             raise Drop("bad_evidence", exc.detail) from None
+        if (self.evidence, self.block_evidence) == known:
+            raise Drop("duplicate", "evidence already known")
+        return acts

@@ -377,9 +377,10 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.seen.add(env.id)
         acts = self._note_slot(env, now)
         if env.kind == "wtx":
-            if sum(1 for e in ctx.wtxs.values() if e.sender == env.sender) < 2:
-                ctx.wtxs[env.id] = env
-                acts += self._adopt_pending(env.sender, env.body["model"])
+            if sum(1 for e in ctx.wtxs.values() if e.sender == env.sender) >= 2:
+                raise Drop("equivocation", f"a third worker tx from {env.sender}")
+            ctx.wtxs[env.id] = env
+            acts += self._adopt_pending(env.sender, env.body["model"])
             if not ctx.wtx_pull_at:
                 ctx.wtx_pull_at = now + WTX_PULL_S
         else:
