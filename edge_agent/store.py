@@ -40,10 +40,7 @@ class ChainStore:
         return from_json(parse(self.genesis_path.read_bytes()))
 
     def append(self, block: Envelope) -> None:
-        with open(self.chain_path, "ab") as f:
-            f.write(block.payload() + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _append_line(self.chain_path, block.payload())
 
     def load_blocks(self) -> list[Envelope]:
         if not self.chain_path.exists():
@@ -68,10 +65,7 @@ class ChainStore:
         """Record a transaction or block this device signed, before it is published: after a
         restart the device re-publishes it rather than signing a second, different one for
         the same slot, which peers would take for equivocation and slash."""
-        with open(self.own_path, "ab") as f:
-            f.write(payload + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _append_line(self.own_path, payload)
 
     def load_signed(self) -> list[Envelope]:
         if not self.own_path.exists():
@@ -93,6 +87,14 @@ class ChainStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.chain_path)
+
+
+def _append_line(path: Path, payload: bytes) -> None:
+    """Append one line and fsync it before returning (a crash leaves at most a torn last line)."""
+    with open(path, "ab") as f:
+        f.write(payload + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def block_blobs(body: dict) -> set[str]:

@@ -7,8 +7,9 @@ roll back blocks. Heavy work is an action whose result comes back as an event, s
 logic can be tested without a broker or a model (tests/simnet.py).
 
 Round j, for a device whose chain head is block j-1. Each role has an explicit phase
-(``WorkerPhase``, ``ValidatorPhase``, ``MinerPhase``, ``ChainPhase``); ``_advance`` is a table
-of (role, phase, step) rules, and each ``enter_*`` step opens with its preconditions:
+(``WorkerPhase``, ``ValidatorPhase``, ``MinerPhase``, ``ChainPhase``, in round.py); ``_rules``
+is the table of (guard on role and phase, step) transitions that ``_advance`` runs, and each
+``enter_*`` step opens with its preconditions. Each role's steps are in their own module:
   1. roles = assign_roles(hash of block j-1, ...)                         (roles.py)
   2. worker    IDLE -> TRAINING -> SUBMITTED: train, publish blob + signed worker tx
   3. validator COLLECTING -> EVALUATING -> VOTED: when every worker's tx and blob arrived or
