@@ -18,7 +18,7 @@ from edge_agent.ml import blobs as bl
 from edge_agent.ml.arch import init_params
 from edge_agent.protocol.crypto import KeyPair
 from edge_agent.protocol.genesis import Genesis, make_genesis_body
-from edge_agent.protocol.ledger import PROTOCOLS
+from edge_agent.protocol.ledger import MAX_BLOCK_BYTES, PROTOCOLS, worst_case_block_bytes
 from edge_agent.protocol.messages import device_topic, sign, topic
 from edge_agent.transport import Mqtt
 
@@ -248,6 +248,13 @@ class Experiment:
             raise ExperimentError("--roles W,V,M: every count must be at least 1")
         if w + v + m > self.cfg.devices:
             raise ExperimentError(f"--roles {w},{v},{m} needs {w + v + m} devices but --devices is {self.cfg.devices}")
+        # every validator's tx names every worker's: the largest block grows with |W| x |V|
+        size = worst_case_block_bytes({"roles": [w, v, m], "devices": dict.fromkeys(self.cfg.device_ids()), "run": "r" * 24})
+        if size > MAX_BLOCK_BYTES:
+            raise ExperimentError(
+                f"--roles {w},{v},{m}: a block could reach {size} bytes, over the {MAX_BLOCK_BYTES}-byte limit every "
+                "device enforces; use fewer workers or validators"
+            )
 
     def setup(self) -> None:
         cfg = self.cfg

@@ -194,6 +194,7 @@ def test_missing_data_is_a_one_line_error(tmp_path):
     [
         (["--roles", "12,5"], "--roles"),
         (["--devices", "5", "--roles", "4,2,2"], "needs 8 devices"),
+        (["--devices", "200", "--roles", "120,50,30"], "over the 1047552-byte limit"),
         (["--model", "resnet"], "--model"),
         (["--vote-ref", "magic"], "--vote-ref"),
         (["--broker", "http://x"], "mqtt://"),
