@@ -59,7 +59,7 @@ def valid_hash(h: Any) -> bool:
 DROP_REASONS = (
     "bad_claim", "bad_evidence", "bad_genesis", "bad_signature", "bad_topic", "blacklisted",
     "buffer_full", "busy", "duplicate", "duplicate_id", "duplicate_sender", "equivocation",
-    "future_round", "hash_mismatch", "internal_error", "invalid_block", "malformed", "not_canonical", "not_for_us",
+    "future_round", "hash_mismatch", "internal_error", "malformed", "not_canonical", "not_for_us",
     "stale_round", "too_large", "too_many_blobs", "topic_mismatch", "unavailable", "unexpected_kind",
     "unknown_operator", "unknown_sender", "unknown_tx", "unvoted_update", "vote_mismatch",
     "vote_not_evaluated", "wrong_global_model", "wrong_height", "wrong_kind", "wrong_outcome",
