@@ -3,7 +3,9 @@ core, real signatures and blobs), every message delivered in a random order: the
 devices still end with one head, the chain replays, and the equivocator is slashed.
 
 Each behaviour is a function (net, device, Publish) -> [(destinations, Publish)]: what the
-byzantine device sends instead of each of its honest publications."""
+byzantine device sends instead of each of its honest publications. Those that need no
+targeting are the agent shell's own (edge_agent/byzantine.py, what `bfl run --attack`
+injects); the two equivocations show each half of the network a different message."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge_agent import byzantine
 from edge_agent.protocol import ledger
 from edge_agent.protocol import node as nd
 from edge_agent.protocol.crypto import sha256_hex
@@ -68,49 +71,24 @@ def equivocating_worker(net, dev, pub):
     ]
 
 
-def phantom_update(net, dev, pub):
-    """A worker tx whose blob is never published."""
-    return [] if "/blob/" in pub.topic else [(None, pub)]
+def shell(name):
+    """The agent shell's own behaviour ``name`` (edge_agent/byzantine.py, what ``bfl run
+    --attack NAME`` injects), as a SimNet hook."""
 
+    def run(net, dev, pub):
+        acts = byzantine.apply(name, net.nodes[dev], net.keys[dev], [pub])
+        return [(None, a) for a in acts if isinstance(a, nd.Publish)]
 
-def junk_validator(net, dev, pub):
-    """Before its real validator tx: one naming a real worker tx 5 000 times (the reward
-    inflation attack) and one voting for a worker that does not exist."""
-    if "/vtx/" not in pub.topic:
-        return [(None, pub)]
-    env = decode(pub.payload)
-    ids = env.body["verified"] or ["ab" * 32]
-    inflated = sign(net.keys[dev], dict(env.body, verified=[ids[0]] * 5000))
-    ghost_vote = {"wtx": "cd" * 32, "worker": "ghost", "model": "cd" * 32, "positive": True, "local_bp": 0,
-                  "ref_bp": 0, "loss_milli": 0}  # fmt: skip
-    ghost = sign(net.keys[dev], dict(env.body, verified=sorted(set(env.body["verified"]) | {"cd" * 32}),
-                                     votes=sorted(env.body["votes"] + [ghost_vote], key=lambda v: v["worker"])))  # fmt: skip
-    return [(None, nd.Publish(pub.topic, inflated.payload())), (None, nd.Publish(pub.topic, ghost.payload())),
-            (None, pub)]  # fmt: skip
-
-
-def lying_head(net, dev, pub):
-    """With each head it publishes, a signed claim of the last height, which nobody has."""
-    if "/head/" not in pub.topic:
-        return [(None, pub)]
-    body = {"run": net.genesis.run, "kind": "head", "round": net.genesis.rounds, "sender": dev,
-            "height": net.genesis.rounds, "head": "ee" * 32}  # fmt: skip
-    return [(None, pub), (None, nd.Publish(pub.topic, sign(net.keys[dev], body).payload(), retain=True))]
-
-
-def blob_spam(net, dev, pub):
-    """Blobs with a correct SHA-256 that no transaction names."""
-    extra = [blob_of(np.random.default_rng(i).normal(size=DIM).astype(np.float32)) for i in range(5)]
-    return [(None, pub)] + [(None, nd.Publish(topic(net.genesis.run, "blob", dev, sha256_hex(b)), b)) for b in extra]
+    return run
 
 
 BEHAVIOURS = {
     "equivocating_miner": equivocating_miner,
     "equivocating_worker": equivocating_worker,
-    "phantom_update": phantom_update,
-    "junk_validator": junk_validator,
-    "lying_head": lying_head,
-    "blob_spam": blob_spam,
+    "phantom_update": shell("withhold_blob"),  # a worker tx whose blob is never published
+    "junk_validator": shell("junk_votes"),  # a real tx named 5 000 times; a vote for a ghost
+    "lying_head": shell("false_head"),  # with each head, a claim of the last height
+    "blob_spam": shell("blob_spam"),  # blobs with a correct SHA-256 that nothing names
 }
 
 
