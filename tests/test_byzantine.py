@@ -102,9 +102,21 @@ def compose(*fns):
     return run
 
 
+class WatchedNet(SimNet):
+    """SimNet that checks, after every event, that the honest devices agree on every block
+    all of them have built on: once each has gone one round further, height h is settled."""
+
+    def deliver(self, dev, event):
+        super().deliver(dev, event)
+        chains = [n.chain for d, n in self.nodes.items() if d not in self.byzantine]
+        settled = min(len(c) for c in chains) - 1
+        for h in range(settled):
+            assert len({c[h].id for c in chains}) == 1, f"honest devices still differ on block {h + 1}"
+
+
 def run_with(behaviours, seed: int, byz: str, rounds: int = 4) -> SimNet:
-    net = SimNet(n=N, roles=ROLES, rounds=rounds, rng=np.random.default_rng(seed),
-                 byzantine={byz: compose(*(BEHAVIOURS[b] for b in behaviours))})  # fmt: skip
+    net = WatchedNet(n=N, roles=ROLES, rounds=rounds, rng=np.random.default_rng(seed),
+                     byzantine={byz: compose(*(BEHAVIOURS[b] for b in behaviours))})  # fmt: skip
     net.start()
     net.run(max_steps=400_000)
     return net
