@@ -477,24 +477,34 @@ class Verifier:
         return self._check(True, f"chains agree: all {len(ids)} devices at height {len(longest)}, head {head}{with_mal}")
 
     def _blob_store(self, genesis: Genesis, results: dict[tuple, _BlockResult]) -> Iterator[Check]:
-        """Every model the verified blocks name (each worker's update, accepted or not, and
-        G_j) and G_0 is present, its bytes hashing to its name."""
+        """Every model the verified blocks need (each accepted update, G_j) and G_0 is present,
+        its bytes hashing to its name; an update that was not accepted may be absent (its
+        worker may never have published it: that is why it was voted down), but a copy that
+        is present must match its name."""
         named: dict[str, str] = {genesis.init_model: "G_0"}
+        needed = {genesis.init_model}  # G_0, every G_j and every accepted update
         for (_, _, _), res in sorted(results.items(), key=lambda kv: kv[1].height):
             if res.error is not None:
                 continue
             b = res.body
             for raw in b["wtxs"]:
-                named.setdefault(raw["body"]["model"], f"update of {raw['body']['sender']} in block {res.height}")
+                h, who = raw["body"]["model"], raw["body"]["sender"]
+                named.setdefault(h, f"update of {who} in block {res.height}")
+                if who in b["accepted"]:
+                    needed.add(h)
             named.setdefault(b["global_model"], f"G_{res.height}")
+            needed.add(b["global_model"])
         bad = [(h, what, self.blobs.problem(h)) for h, what in named.items()]
-        bad = [x for x in bad if x[2] is not None]
+        absent = [h for h, _, why in bad if h not in needed and why == "is missing from blobs/"]
+        bad = [x for x in bad if x[2] is not None and x[0] not in absent]
+        if absent:
+            yield self._check(True, f"blobs: {len(absent)} update(s) voted down and never published or fetched are not in blobs/")
         for h, what, why in bad[:10]:
             yield self._check(False, f"blob {short(h)} ({what}) {why}")
         if len(bad) > 10:
             yield self._check(False, f"... and {len(bad) - 10} more blobs missing or corrupt")
         if not bad:
-            yield self._check(True, f"blobs: the {len(named)} models the chain names are in blobs/, each matching its SHA-256")
+            yield self._check(True, f"blobs: the {len(named) - len(absent)} models the chain needs are in blobs/, each matching its SHA-256")
 
     def _summary(self, genesis: Genesis, summary: dict, chains: dict[str, list[Envelope]], finals: dict[str, object]) -> Check:
         """summary.json's heads, stakes and blacklist are those of the verified chains."""

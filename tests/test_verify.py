@@ -270,3 +270,25 @@ def test_verify_is_torch_free():
     code = "import orchestrator.cli, orchestrator.verify, sys; assert 'torch' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_voted_down_update_may_be_absent_but_not_corrupt(run_out, tmp_path):
+    """A rejected update's model is not needed to recompute anything (its worker may never
+    have published it -- that is why it was voted down): absent is fine, a wrong copy is not."""
+    out = tmp_path / "out"
+    shutil.copytree(run_out, out)
+    rejected = [(j, w["body"]) for j, b in enumerate(blocks(out), 1) for w in b["body"]["wtxs"]
+                if w["body"]["sender"] in b["body"]["rejected"]]  # fmt: skip
+    assert rejected, "the run has a malicious worker whose update was voted down"
+    j, tx = rejected[0]
+    h = tx["model"]
+    accepted = {w["body"]["model"] for b in blocks(out) for w in b["body"]["wtxs"] if w["body"]["sender"] in b["body"]["accepted"]}
+    assert h not in accepted  # (noise on every parameter: never another update's bytes)
+    blob(out, h).unlink()
+    proc = verify(out)
+    assert proc.returncode == 0, proc.stdout
+    assert "1 update(s) voted down and never published or fetched are not in blobs/" in proc.stdout
+    blob(out, h).parent.mkdir(parents=True, exist_ok=True)
+    blob(out, h).write_bytes(b"not that model")
+    proc = verify(out)
+    assert proc.returncode == 1 and f"FAIL blob {h[:12]}... (update of {tx['sender']} in block {j}) is corrupt" in proc.stdout
