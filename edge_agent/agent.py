@@ -305,8 +305,10 @@ class Agent:
             elif isinstance(a, nd.DeleteBlob):
                 self.blobs.delete(a.hash)
             elif isinstance(a, nd.Rollback):
-                self.store.rewrite(self.node.chain[: a.height])
-                self.retention = BlobRetention(self.keep_rounds, self.node.genesis.init_model, [b.body for b in self.node.chain])
+                # (the node has already appended the blocks that follow this action in the list)
+                kept = self.node.chain[: a.height]
+                self.store.rewrite(kept)
+                self.retention = BlobRetention(self.keep_rounds, self.node.genesis.init_model, [b.body for b in kept])
                 log.warning("%s: reorganised: chain rolled back to height %d", self.me, a.height)
             elif isinstance(a, (nd.Train, nd.Evaluate, nd.Aggregate, nd.EvaluateGlobal)):
                 fut = self.tasks.submit(self._timed, self.runtime, a)
