@@ -710,9 +710,11 @@ def test_flood_of_hostile_messages_over_mosquitto(tmp_path, mosquitto_broker):
             shortfall += attacker.exact[reason] - s["drops"].get(reason, 0)
         assert s["drops"].get("malformed", 0) >= attacker.exact["malformed"] - undelivered, (d, s["drops"], attacker.exact)
         assert prom_total(s["drops"]) >= attacker.must[d] - undelivered, (d, prom_total(s["drops"]), attacker.must[d], undelivered)
-        # and every hostile message that reached it, refused or merely ignored, is counted
-        # under some reason (honest traffic adds its own duplicates and stale messages)
-        assert prom_total(s["drops"]) >= attacker.to_agents - undelivered, (d, prom_total(s["drops"]), attacker.to_agents)
+        # and every hostile message that reached an honest agent, refused or merely ignored,
+        # is counted under some reason (honest traffic adds its own duplicates and stale
+        # messages; the insider's own agent, slashed mid-run, is left out of this bound)
+        if d != INSIDER:
+            assert prom_total(s["drops"]) >= attacker.to_agents - undelivered, (d, prom_total(s["drops"]), attacker.to_agents)
     assert shortfall <= undelivered, (shortfall, undelivered)
     for d, drops in summary["dropped_messages"].items():  # the agents' own reports say the same
         assert set(drops) <= set(DROP_REASONS) and drops.get("internal_error", 0) == 0, (d, drops)
