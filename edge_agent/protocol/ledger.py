@@ -23,10 +23,12 @@ block per rule that breaks exactly that rule.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from . import rewards as eq
 from . import voting
+from .canonical import canonical_bytes
 from .genesis import Genesis
 from .messages import (
     BLOCK_CONTENT,
@@ -478,7 +480,7 @@ def build_block(
         "global_model": global_model,
         "evidence": [],
     }
-    doubled = {w.sender for w in wtxs if sum(1 for x in wtxs if x.sender == w.sender) > 1}
+    doubled = doubled_senders(wtxs)
     size = block_bytes(body) + 64 * (len(wtxs) + len(vtxs) + 3)  # room for the outcome fields
     slashed = set(state.slashed)
     # evidence that a worker in the block signed two worker txs first: the block needs it
@@ -498,9 +500,14 @@ def build_block(
 
 
 def _canonical(value) -> bytes:
-    from .canonical import canonical_bytes
-
     return canonical_bytes(value)
+
+
+def doubled_senders(wtxs) -> frozenset[str]:
+    """Workers with two worker txs among ``wtxs`` (an equivocator's, allowed in a block only
+    with the evidence that slashes it; its update is then rejected)."""
+    senders = Counter(w.sender for w in wtxs)
+    return frozenset(d for d, n in senders.items() if n > 1)
 
 
 #: The largest block body: the message limit every peer enforces, less room for the block's
@@ -604,9 +611,7 @@ def process_outcome(
     genesis: Genesis, state: State, block: Envelope, wtxs: dict[str, Envelope], vtxs: list[Envelope],
     evidence: dict[str, set[str]],
 ) -> Outcome:
-    senders = [w.sender for w in wtxs.values()]
-    doubled = frozenset(d for d in senders if senders.count(d) > 1)
-    out = tally(genesis, state, block.sender, list(wtxs.values()), vtxs, doubled)
+    out = tally(genesis, state, block.sender, list(wtxs.values()), vtxs, doubled_senders(wtxs.values()))
     # Verify that the accepted, rejected and knocked-out devices are those the votes give
     for key in ("accepted", "rejected", "blacklisted"):
         verify(block.body[key] == getattr(out, key), "wrong_outcome", f"{key} differs from the votes")

@@ -6,10 +6,10 @@ Phase: COLLECTING -> AGGREGATING (``enter_mine``) -> PROPOSED (``_propose``)."""
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 from .ledger import (
     build_block,
+    doubled_senders,
     select_for_block,
     slot,
     tally,
@@ -42,7 +42,7 @@ class MinerSteps:
         evidence = [item for d, item in sorted(self.evidence.items()) if d not in self.state.slashed]
         wtxs = _one_per_worker(list(ctx.wtxs.values()), {d for d in self.evidence if d not in self.state.slashed})
         wtxs, vtxs = select_for_block(self.genesis, self.state, wtxs, list(ctx.vtxs.values()))
-        out = tally(self.genesis, self.state, self.me, wtxs, vtxs, _doubled(wtxs))
+        out = tally(self.genesis, self.state, self.me, wtxs, vtxs, doubled_senders(wtxs))
         ctx.mine_txs = (wtxs, vtxs, evidence)
         if not out.inputs:
             return self._propose(self.state.global_model)
@@ -53,7 +53,7 @@ class MinerSteps:
     def _mined(self, model_hash: str) -> list:
         """The aggregate of the accepted updates is ready: remember it, propose."""
         wtxs, vtxs, _ = self.ctx.mine_txs
-        self.aggregates[tally(self.genesis, self.state, self.me, wtxs, vtxs, _doubled(wtxs)).inputs] = model_hash
+        self.aggregates[tally(self.genesis, self.state, self.me, wtxs, vtxs, doubled_senders(wtxs)).inputs] = model_hash
         return self._propose(model_hash)
 
     def _propose(self, global_model: str) -> list:
@@ -68,11 +68,6 @@ class MinerSteps:
         self.slots[slot(env)] = self.signed[slot(env)] = env
         self.candidates.setdefault(ctx.round, {})[env.id] = env
         return [Publish(topic(self.run, "block", self.me), env.payload())]
-
-
-def _doubled(wtxs: list[Envelope]) -> frozenset[str]:
-    senders = Counter(w.sender for w in wtxs)
-    return frozenset(d for d, n in senders.items() if n > 1)
 
 
 def _one_per_worker(wtxs: list[Envelope], proven: set[str]) -> list[Envelope]:
