@@ -1,11 +1,20 @@
-"""How long a PoS-BFL round takes on this machine, and how much of it is training.
+"""A PoS-BFL round against its compute floor, side by side in one invocation.
 
-Runs `bfl run` with the given options (default: the paper's CNN setting, 20 devices,
-12/5/3, 3 malicious, Fashion-MNIST, 2 rounds) and prints, per round, the wall time the
-orchestrator observed and the longest training task any worker reported.
+1. The floor: the setting's training work alone -- W jobs of ``train_local`` (E epochs of S
+   samples, batch B) spread over as many single-thread processes as the host's budget has
+   slots (one per core), no protocol, no broker.
+2. A real ``bfl run`` of the same setting (agents, trainer service, broker), ``--rounds R``.
 
-    python benchmarks/bench_round.py                       # CNN, paper setting
+It prints each round's time and its ratio to the floor, the round's critical path by phase
+(from the devices' reports: when each entered each step), the CPU each kind of task took
+in all devices, and the peak PSS of the whole testbed (operator, broker, agents, trainer
+service and its workers), sampled from /proc every half second.
+
+    python benchmarks/bench_round.py                           # the paper: CNN, 20 devices, 12/5/3
     python benchmarks/bench_round.py --model mlp --rounds 3
+    python benchmarks/bench_round.py --devices 100 --roles 60,25,15 --model mlp --samples 600 --skip-floor
+
+A GPU host runs it unchanged (``--train-device auto`` trains on CUDA when torch sees one).
 """
 
 from __future__ import annotations
@@ -13,41 +22,254 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FLOOR_WORKER = r"""
+import sys, time, numpy as np, torch
+from edge_agent.ml.arch import init_params
+from edge_agent.ml.train import train_local
+arch, jobs, samples, epochs, batch, device = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+torch.set_num_threads(1)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((samples, 1, 28, 28), dtype=np.float32)
+y = rng.integers(0, 10, samples)
+p = init_params(arch, 0)
+train_local(arch, p, x[:10], y[:10], epochs=1, batch_size=batch, lr=0.01, seed=0, device=device)  # warm-up
+sys.stdout.write("ready\n"); sys.stdout.flush()
+sys.stdin.readline()  # start together
+t0 = time.perf_counter()
+for j in range(jobs):
+    train_local(arch, p, x, y, epochs=epochs, batch_size=batch, lr=0.01, seed=j, device=device)
+print(f"{time.perf_counter() - t0:.3f}", flush=True)
+"""
+
+
+def floor(arch: str, workers: int, slots: int, samples: int, epochs: int, batch: int, device: str) -> float:
+    """Wall time of the setting's training alone: ``workers`` jobs over ``slots`` processes."""
+    shares = [workers // slots + (1 if i < workers % slots else 0) for i in range(slots)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FLOOR_WORKER, arch, str(n), str(samples), str(epochs), str(batch), device],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        for n in shares
+        if n
+    ]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        p.stdout.readline()
+        p.wait()
+    return time.perf_counter() - t0
+
+
+# -- memory: PSS of a process tree --
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(pid))
+    return kids
+
+
+def tree_pss_kb(root: int) -> tuple[int, int, dict[str, int]]:
+    """(total PSS kB, processes, kB by kind) of ``root`` and all its descendants."""
+    kids = _children()
+    todo, total, n, kinds = [root], 0, 0, {}
+    while todo:
+        pid = todo.pop()
+        todo += kids.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                pss = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, StopIteration):
+            continue
+        kind = (
+            "trainer worker" if "trainer_worker" in cmd
+            else "trainer service" if "edge_agent.cli trainer" in cmd
+            else "agent" if "edge_agent.cli run" in cmd
+            else "broker" if "mosquitto" in cmd
+            else "operator" if "orchestrator.cli" in cmd
+            else "other"
+        )  # fmt: skip
+        total += pss
+        n += 1
+        kinds[kind] = kinds.get(kind, 0) + pss
+    return total, n, kinds
+
+
+class PeakPss(threading.Thread):
+    def __init__(self, pid: int, every: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.peak, self.peak_kinds, self.peak_n = 0, {}, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            total, n, kinds = tree_pss_kb(self.pid)
+            if total > self.peak:
+                self.peak, self.peak_kinds, self.peak_n = total, kinds, n
+            self.done.wait(self.every)
+
+
+# -- the run's critical path --
+
+PHASES = (
+    ("train (incl. wait for the budget)", "t_start_ms", "train_end_ms", "max"),
+    ("worker tx out", "train_end_ms", "t_wtx_ms", "max"),
+    ("validate", "t_wtx_ms", "t_vtx_ms", "max"),
+    ("mine", "t_vtx_ms", "t_block_ms", "min"),
+    ("propagate + verify block", "t_block_ms", "t_commit_ms", "max"),
+)
+
+
+def critical_path(r: dict) -> list[tuple[str, float]]:
+    """Seconds of each step of round ``r``: from the first device entering the round to the
+    last training job's end, to the last worker tx, the last vote, the first block, and the
+    last device appending it; the rest of the round (global accuracy, report) is 'report'."""
+    t = r["timings"]
+
+    def at(key: str, how: str) -> float | None:
+        vals = [v[key] for v in t.values() if key in v]
+        return (max(vals) if how == "max" else min(vals)) / 1000 if vals else None
+
+    start = at("t_start_ms", "min")
+    marks = [("start", start)]
+    for name, _, end_key, how in PHASES:
+        marks.append((name, at(end_key, how)))
+    out, prev = [], start
+    for name, v in marks[1:]:
+        if v is None or prev is None:
+            out.append((name, float("nan")))
+            continue
+        out.append((name, max(0.0, v - prev)))
+        prev = max(prev, v)
+    out.append(("report (after the last append)", max(0.0, start + r["seconds"] - prev) if start else float("nan")))
+    return out
+
+
+def cpu_by_task(r: dict) -> dict[str, float]:
+    keys = {
+        "train (compute)": "train_compute_ms",
+        "train (wait for a slot)": "train_wait_ms",
+        "validate (ONNX)": "evaluate_ms",
+        "mine + verify G_j (aggregate)": "aggregate_ms",
+        "global accuracy (ONNX)": "evaluateglobal_ms",
+        "protocol core (rules, sign/verify, JSON)": "node_ms",
+    }
+    return {name: sum(v.get(k, 0) for v in r["timings"].values()) / 1000 for name, k in keys.items()}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cnn")
+    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--roles", default="12,5,3")
+    p.add_argument("--malicious", type=int, default=3)
+    p.add_argument("--samples", type=int, default=3000, help="training samples per device")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--broker", default=None, help="mqtt://HOST:PORT (default: embedded)")
+    p.add_argument("--slots", type=int, default=0, help="the host's training slots (0: one per core)")
+    p.add_argument("--train-device", default="auto")
+    p.add_argument("--broker", default=None, help="mqtt://HOST:PORT (default: bfl run's embedded broker)")
+    p.add_argument("--skip-floor", action="store_true")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("extra", nargs="*", help="more `bfl run` options after --")
     args = p.parse_args()
+    from edge_agent.compute import host_cpus
+
+    slots = args.slots or host_cpus()
+    workers = int(args.roles.split(",")[0])
+    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {host_cpus()} cores, "
+          f"python {platform.python_version()}")  # fmt: skip
+    print(f"# setting: {args.devices} devices, roles {args.roles}, {args.model}, {args.samples} samples/device, "
+          f"{args.epochs} local epochs, batch {args.batch}, {args.malicious} malicious; {slots} training slot(s)")  # fmt: skip
+    figures: dict = {"slots": slots}
+    if not args.skip_floor:
+        device = "cpu" if args.train_device == "auto" else args.train_device
+        f = floor(args.model, workers, slots, args.samples, args.epochs, args.batch, device)
+        steps = workers * args.epochs * -(-args.samples // args.batch)
+        print(f"floor: {workers} training jobs in {slots} single-thread process(es): {f:.1f} s "
+              f"({f * 1000 * slots / steps:.2f} ms per step per slot)")  # fmt: skip
+        figures["floor_s"] = f
+
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-round-"))
     cmd = [
-        sys.executable, "-m", "orchestrator.cli", "run", "--devices", "20", "--roles", "12,5,3",
-        "--malicious", "3", "--rounds", str(args.rounds), "--model", args.model,
-        "--dataset", "fashion-mnist", "--out", str(out), "--quiet", *args.extra,
+        sys.executable, "-m", "orchestrator.cli", "run", "--devices", str(args.devices), "--roles", args.roles,
+        "--malicious", str(args.malicious), "--rounds", str(args.rounds), "--model", args.model,
+        "--dataset", "fashion-mnist", "--samples-per-device", str(args.samples), "--local-epochs", str(args.epochs),
+        "--batch-size", str(args.batch), "--train-slots", str(slots), "--train-device", args.train_device,
+        "--out", str(out), "--quiet", *args.extra,
     ]  # fmt: skip
     if args.broker:
         cmd += ["--broker", args.broker]
-    print("command:", " ".join(cmd[1:]))
+    print("run:", "bfl", " ".join(cmd[3:]))
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+    mem = PeakPss(proc.pid)
+    mem.start()
+    proc.wait()
+    mem.done.set()
+    mem.join()
     total = time.monotonic() - t0
     if proc.returncode != 0:
         return proc.returncode
     s = json.loads((out / "summary.json").read_text())
-    print(f"{'round':>5} {'seconds':>8} {'train_max_s':>11} {'train_share':>11} {'accuracy':>8}")
-    for r in s["rounds"]:
-        share = r["train_seconds_max"] / r["seconds"] if r["seconds"] else 0
-        print(f"{r['round']:>5} {r['seconds']:>8.1f} {r['train_seconds_max']:>11.1f} {share:>10.0%} {r['accuracy']:>7.2f}%")
-    print(f"total wall time {total:.0f}s (includes start-up of 20 agents)")
+    rounds = s["rounds"]
+    print(f"\n{'round':>5} {'seconds':>8} {'x floor':>8} {'accuracy':>9}")
+    for r in rounds:
+        ratio = f"{r['seconds'] / figures['floor_s']:.2f}" if "floor_s" in figures else "-"
+        print(f"{r['round']:>5} {r['seconds']:>8.1f} {ratio:>8} {r['accuracy']:>8.2f}%")
+    steady = rounds[1:] or rounds
+    mean = statistics.fmean(r["seconds"] for r in steady)
+    figures.update(round_s=[r["seconds"] for r in rounds], steady_round_s=mean, total_s=total)
+    if "floor_s" in figures:
+        figures["ratio"] = mean / figures["floor_s"]
+        print(f"round time (mean of rounds {steady[0]['round']}..{steady[-1]['round']}): {mean:.1f} s = "
+              f"{figures['ratio']:.2f} x the floor")  # fmt: skip
+    last = rounds[-1]
+    print(f"\ncritical path of round {last['round']} (s):")
+    for name, v in critical_path(last):
+        print(f"  {name:<40} {v:8.1f}")
+    print(f"\nCPU by task in all devices, round {last['round']} (s):")
+    for name, v in cpu_by_task(last).items():
+        print(f"  {name:<40} {v:8.1f}")
+    print(f"\npeak PSS of the testbed: {mem.peak / 1024:.0f} MB in {mem.peak_n} processes")
+    for kind, kb in sorted(mem.peak_kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<20} {kb / 1024:8.0f} MB")
+    figures.update(peak_pss_mb=mem.peak / 1024, pss_by_kind_mb={k: v / 1024 for k, v in mem.peak_kinds.items()})
+    figures["critical_path"] = dict(critical_path(last))
+    figures["cpu_by_task"] = cpu_by_task(last)
+    print(f"total wall time {total:.0f} s (includes start-up of {args.devices} agents); run folder {out}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import byzantine
+from .compute import ComputeError, Trainer, ensure_service
 from .metrics import stop_serving, topic_kind
 from .ml.blobs import BlobStore
 from .protocol import node as nd
@@ -36,14 +37,18 @@ from .transport import Incoming, Mqtt
 log = logging.getLogger("bfl.agent")
 
 TICK_S = 0.25
+# With --exit-after-run a finished device keeps serving blocks and blobs until every peer
+# claims the last block, or this long: a peer that restarted late can still catch up.
+FINISH_LINGER_S = 30.0
 
 
-def default_capabilities() -> list[str]:
-    """A device without torch can validate and mine but not train."""
+def default_capabilities(trainer: str | None = None) -> list[str]:
+    """A device trains when it is given a trainer service, or when torch is installed so it
+    can start the host's; without either it validates and mines only."""
     import importlib.util
 
     caps = ["validate", "mine"]
-    if importlib.util.find_spec("torch") is not None:
+    if trainer or importlib.util.find_spec("torch") is not None:
         caps.insert(0, "train")
     return caps
 
@@ -68,6 +73,8 @@ class Agent:
         metrics: tuple[str, int] | None = None,
         metrics_linger: float = 0.0,
         keep_rounds: int = 0,
+        trainer: str | None = None,
+        train_device: str = "auto",
     ):
         self.me = device_id
         self.key = key
@@ -77,7 +84,8 @@ class Agent:
         self.want_run = run
         self.exit_after_run = exit_after_run
         self.threads = threads
-        self.caps = capabilities or default_capabilities()
+        self.caps = capabilities or default_capabilities(trainer)
+        self.trainer = Trainer(trainer, train_device)
         assert all(c in CAPABILITIES for c in self.caps)
         self.blobs = BlobStore(self.workdir / "blobs")
         offline = self._signed_status("offline")
@@ -111,6 +119,10 @@ class Agent:
         self.drops: Counter[str] = Counter()
         self.stopped = False
         self.stop_requested = False
+        self.marks: dict[int, dict[str, int]] = {}  # round -> step -> time (see _mark)
+        self.node_ms = 0.0  # in the protocol core (rules, signatures, encoding) since the last report
+        self.leave_at: float | None = None  # set when the run finished (--exit-after-run)
+        self.final_reported = False
 
     # -- announcements --
 
@@ -134,9 +146,12 @@ class Agent:
 
     def run_forever(self) -> None:
         if "train" in self.caps:
-            # import torch before announcing, so that round 1's time measures training and
-            # not twenty interpreters importing torch at once
-            import edge_agent.ml.train  # noqa: F401
+            # the host's trainer service is up before we announce, so that round 1's time
+            # measures training and not the service starting
+            try:
+                ensure_service(self.trainer.path)
+            except ComputeError as exc:
+                log.error("%s: %s", self.me, exc)
         self.mqtt.subscribe(f"{PREFIX}/+/genesis", f"{PREFIX}/+/cmd/{self.me}")
         self.mqtt.connect()
         self.mqtt.publish(device_topic(self.me, "status"), self._signed_status("online"), retain=True)
@@ -177,13 +192,25 @@ class Agent:
                 except queue.Empty:
                     break
                 if self.node is not None:
-                    self._execute(self.node.handle(ev, time.monotonic()))
+                    self._execute(self._core(self.node.handle, ev))
+                    if isinstance(ev, nd.GlobalEvaluated) and ev.height >= self.node.genesis.rounds:
+                        self.final_reported = True
+            if self._may_leave():
+                self.mqtt.flush(10)  # the last report leaves before we do
+                self.stopped = True
             if self.stopped:
                 return
         if self.node is not None:
-            self._execute(self.node.tick(time.monotonic()))
+            self._execute(self._core(self.node.tick))
         if self.metrics is not None:
             self.metrics.drops(self.drops, source="agent")
+
+    def _core(self, step, *args) -> list:
+        t0 = time.perf_counter()
+        try:
+            return step(*args, time.monotonic())
+        finally:
+            self.node_ms += (time.perf_counter() - t0) * 1000
 
     def _on_incoming(self, msg: Incoming) -> None:
         try:
@@ -193,7 +220,7 @@ class Agent:
             elif tp.kind == "cmd":
                 self._on_cmd(msg)
             elif self.node is not None and tp.run == self.node.run:
-                self._execute(self.node.handle(nd.Received(msg.topic, msg.payload), time.monotonic()))
+                self._execute(self._core(self.node.handle, nd.Received(msg.topic, msg.payload)))
             else:
                 raise Drop("wrong_run", msg.topic)
         except Drop as exc:
@@ -232,7 +259,7 @@ class Agent:
         resumed = self.store.load_genesis() is not None  # joined this run before: a restart
         self.store.save_genesis(genesis.env)
         blocks = self.store.load_blocks()
-        self.runtime = Runtime(genesis, self.me, self.blobs, self.data_dir, self.threads)
+        self.runtime = Runtime(genesis, self.me, self.blobs, self.data_dir, self.threads, self.trainer)
         self.runtime.attack = self.attack
         self.runtime.ensure_initial_model()
         _ = self.runtime.data  # load the shard now: a missing dataset fails at join, loudly
@@ -294,6 +321,7 @@ class Agent:
         if self.attack and self.node is not None:
             actions = byzantine.apply(self.attack.get("name"), self.node, self.key, actions)
         for a in actions:
+            self._mark(a)
             if self.metrics is not None:
                 self.metrics.action(a)
             if isinstance(a, nd.Publish):
@@ -334,8 +362,7 @@ class Agent:
             elif isinstance(a, nd.Finished):
                 log.info("%s: run %s finished at height %d, stake %d", self.me, self.node.run, a.state.height, a.state.stake(self.me))
                 if self.exit_after_run:
-                    # let queued publishes (the last report) leave before stopping
-                    self._drain_then_stop()
+                    self.leave_at = time.monotonic() + FINISH_LINGER_S
             elif not isinstance(a, (nd.Dropped, nd.RoundStarted)):  # those two: for the metrics only
                 raise TypeError(f"unknown action {a!r}")
 
@@ -352,28 +379,37 @@ class Agent:
                     phase = {nd.Train: "train", nd.Evaluate: "validate", nd.EvaluateGlobal: "evaluate_global"}[type(action)]
                 self.metrics.task_time(phase, time.monotonic() - t0)
 
+    def _mark(self, a) -> None:
+        """When this device entered each step of a round (ms since the epoch, for the round
+        report): the benchmark puts the round's critical path together from them."""
+        now = int(time.time() * 1000)
+        if isinstance(a, nd.RoundStarted):
+            self.marks.setdefault(a.round, {})["t_start_ms"] = now
+        elif isinstance(a, nd.Publish) and self.node is not None and self.node.ctx is not None:
+            kind = topic_kind(a.topic)
+            if kind in ("wtx", "vtx", "block"):
+                self.marks.setdefault(self.node.ctx.round, {}).setdefault(f"t_{kind}_ms", now)
+        elif isinstance(a, nd.CommitBlock):
+            self.marks.setdefault(a.state.height, {})["t_commit_ms"] = now
+
     def _with_timings(self, ev):
         if isinstance(ev, nd.GlobalEvaluated) and self.metrics is not None and ev.model_hash:
             self.metrics.global_accuracy(ev.acc_bp)
         if isinstance(ev, nd.GlobalEvaluated) and self.runtime is not None:
             timings = self.runtime.take_timings()
             timings["drops"] = sum(self.drops.values())
+            timings["node_ms"], self.node_ms = int(self.node_ms), 0.0
+            timings.update(self.marks.pop(ev.height, {}))
+            for r in [r for r in self.marks if r < ev.height - 4]:
+                del self.marks[r]
             return nd.GlobalEvaluated(ev.height, ev.model_hash, ev.acc_bp, timings)
         return ev
 
-    def _drain_then_stop(self) -> None:
-        # the last report comes from the GlobalEvaluated event of the final block
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            try:
-                ev = self.events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if self.node is not None:
-                acts = self.node.handle(ev, time.monotonic())
-                for p in acts:
-                    if isinstance(p, nd.Publish):
-                        self.mqtt.publish(p.topic, p.payload, retain=p.retain, wait=10)
-                if isinstance(ev, nd.GlobalEvaluated):
-                    break
-        self.stopped = True
+    def _may_leave(self) -> bool:
+        """After the last block (with --exit-after-run): leave once its report is out and
+        every peer claims the last block too, or FINISH_LINGER_S after finishing."""
+        node = self.node
+        if self.leave_at is None or node is None or not self.final_reported:
+            return False
+        peers = set(node.genesis.devices) - {self.me} - node.state.blacklist  # the blacklisted are not served
+        return peers <= node.peers_finished or time.monotonic() >= self.leave_at

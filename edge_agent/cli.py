@@ -80,6 +80,14 @@ def run(
         help="Delete model blobs named only by blocks more than N rounds old (0: keep all). "
         "A peer that falls further behind then needs another device to fetch them from.",
     ),
+    trainer: Optional[str] = typer.Option(
+        None,
+        envvar="BFL_TRAINER",
+        help="The host's trainer service, unix:PATH (default: this host's, started on first use; see `bfl-agent trainer`).",
+    ),
+    train_device: str = typer.Option(
+        "auto", envvar="BFL_TRAIN_DEVICE", help="Where training runs: auto (CUDA when torch sees a GPU), cpu or cuda."
+    ),
     log_level: str = typer.Option("INFO", envvar="BFL_LOG_LEVEL"),
 ):
     """Connect to the broker, announce this device, and take part in runs it is admitted to."""
@@ -102,11 +110,14 @@ def run(
         key = KeyPair.load(key_file)
     except ValueError as exc:
         fail(str(exc))
+    from .compute import TRAIN_DEVICES
     from .protocol.genesis import CAPABILITIES
 
     capabilities = [c for c in caps.split(",") if c] if caps else None
     if capabilities is not None and (not capabilities or any(c not in CAPABILITIES for c in capabilities)):
         fail(f"--caps {caps!r}: a comma-separated subset of {','.join(CAPABILITIES)}")
+    if train_device not in TRAIN_DEVICES:
+        fail(f"--train-device {train_device!r}: one of {', '.join(TRAIN_DEVICES)}")
     password = password_file.read_text().strip() if password_file else None
     from .agent import Agent
     from .metrics import MetricsError
@@ -130,12 +141,48 @@ def run(
             metrics=(metrics_addr, metrics_port) if metrics_port else None,
             metrics_linger=metrics_linger,
             keep_rounds=keep_rounds,
+            trainer=trainer,
+            train_device=train_device,
         )
         logging.getLogger("bfl.agent").info("%s: key fingerprint %s", device_id, fingerprint(key.public_hex))
         # SIGTERM (systemd, podman stop, Kubernetes; PID 1 in a container ignores it otherwise)
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
         agent.run_forever()
     except (TransportError, MetricsError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("trainer")
+def trainer_service(
+    socket_path: Optional[Path] = typer.Option(
+        None, "--socket", envvar="BFL_TRAINER_SOCKET", help="Unix socket to listen on (default: this host's)."
+    ),
+    slots: int = typer.Option(0, min=0, help="Training jobs at once on the CPU (0: one per core this process may use)."),
+    threads: int = typer.Option(1, min=1, help="CPU threads per job."),
+    idle_exit: float = typer.Option(0.0, min=0.0, help="Exit after this many seconds without a job (0: never)."),
+    log_level: str = typer.Option("INFO", envvar="BFL_LOG_LEVEL"),
+):
+    """Run the host's trainer service: the one place on this machine that holds torch and
+    trains, at most --slots jobs at once (and one at a time on a GPU)."""
+    from .compute import ComputeError, TrainerService, default_socket
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        fail("the trainer service needs torch: pip install -e '.[worker]'")
+    svc = TrainerService(socket_path or default_socket(), slots or None, threads, idle_exit)
+    signal.signal(signal.SIGTERM, lambda *_: svc.stopped.set())
+    try:
+        svc.start_workers()
+        svc.serve_forever()
+    except ComputeError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         pass

@@ -1,8 +1,8 @@
 """Carries out the Node's heavy actions: training, evaluation, aggregation.
 
-Training imports torch lazily, the first time this device is a worker (or a validator with
-``vote_ref=trained``). Evaluation uses ONNX Runtime and aggregation numpy only, so a
-validator-only install (no torch) runs every other role.
+Training is a job for the host's trainer service (``compute.py``), which runs it under the
+host's compute budget in a process that holds torch; this process never imports torch.
+Evaluation uses ONNX Runtime and aggregation numpy only.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+from .compute import Trainer
 from .ml import blobs as bl
 from .ml.data import DeviceData, device_data
 from .protocol import node as nd
@@ -29,8 +30,17 @@ def attack_kwargs(attack: dict) -> dict:
 
 
 class Runtime:
-    def __init__(self, genesis: Genesis, me: str, store: bl.BlobStore, data_dir: str | Path | None, threads: int = 1):
+    def __init__(
+        self,
+        genesis: Genesis,
+        me: str,
+        store: bl.BlobStore,
+        data_dir: str | Path | None,
+        threads: int = 1,
+        trainer: Trainer | None = None,
+    ):
         self.genesis = genesis
+        self.trainer = trainer or Trainer()
         self.me = me
         self.store = store
         self.data_dir = data_dir
@@ -40,6 +50,7 @@ class Runtime:
         self._scores: dict[str, tuple[int, int]] = {}
         self._personal: tuple[int, dict] | None = None  # pFedMe: (round, theta)
         self.timings: dict[str, int] = {}
+        self.jobs: list[tuple[int, int]] = []  # (start, end) ms since the epoch of each training job
         self.attack: dict | None = None  # the operator's fault injection (set by the agent)
 
     @property
@@ -126,28 +137,31 @@ class Runtime:
     def take_timings(self) -> dict[str, int]:
         """Milliseconds spent per task kind since the last call (for the round report)."""
         out, self.timings = {f"{k}_ms": v for k, v in self.timings.items()}, {}
+        if self.jobs:  # the last job's slot interval (the budget check of tests/test_compute.py)
+            out["train_start_ms"], out["train_end_ms"] = self.jobs[-1]
+            self.jobs = []
         return out
 
-    def _train_params(self, base: dict, epochs: int, seed: int, flip_labels: bool = False) -> dict:
-        from .ml.train import train_local  # torch, only here
-
-        hp = self.genesis.hp
+    def _job(self, job: dict, base: dict, flip_labels: bool) -> tuple[dict, dict | None]:
+        """Run a training job on the host's trainer service; its wait for the host's compute
+        budget and its compute time are kept apart (``train_wait_ms``, ``train_compute_ms``)."""
         y = self.data.train_y
         if flip_labels:
             from .ml.attacks import flip_labels as flip
 
             y = flip(y)
-        return train_local(
-            self.arch,
-            base,
-            self.data.train_x,
-            y,
-            epochs=epochs,
-            batch_size=hp["batch_size"],
-            lr=self.genesis.lr,
-            seed=seed,
-            threads=self.threads,
-        )
+        hp = self.genesis.hp
+        job = {"arch": self.arch, "batch_size": hp["batch_size"], "lr": self.genesis.lr, **job}
+        res = self.trainer.run(job, bl.encode(base), self.data.train_x, y)
+        for k, v in (("train_wait", res.wait_ms), ("train_compute", res.compute_ms)):
+            self.timings[k] = self.timings.get(k, 0) + v
+        self.jobs.append((int(res.start * 1000), int(res.end * 1000)))
+        personal = bl.decode(res.personal, self.arch, finite=False) if res.personal is not None else None
+        return bl.decode(res.params, self.arch, finite=False), personal
+
+    def _train_params(self, base: dict, epochs: int, seed: int, flip_labels: bool = False) -> dict:
+        params, _ = self._job({"op": "train", "epochs": epochs, "seed": seed}, base, flip_labels)
+        return params
 
     def train(self, a: nd.Train) -> nd.TrainingDone:
         from .ml.attacks import ATTACKS, apply_attack
@@ -167,25 +181,20 @@ class Runtime:
         return nd.TrainingDone(a.round, bl.encode(params))
 
     def _train_pfedme(self, base: dict, a: nd.Train, flip_labels: bool) -> dict:
-        from .ml.attacks import flip_labels as flip
-        from .ml.train import train_pfedme
-
         p = self.genesis.hp["pfedme"]
-        y = flip(self.data.train_y) if flip_labels else self.data.train_y
-        w, theta = train_pfedme(
-            self.arch,
-            base,
-            self.data.train_x,
-            y,
-            local_iters=p["local_iters"],
-            batch_size=p["batch_size"],
-            k=p["k"],
-            personal_lr=p["personal_lr_e6"] / 1e6,
-            lr=p["lr_e6"] / 1e6,
-            lam=p["lam"],
-            seed=a.seed,
-            threads=self.threads,
-        )
+        job = {
+            "op": "pfedme",
+            "seed": a.seed,
+            "batch_size": p["batch_size"],
+            "pfedme": {
+                "local_iters": p["local_iters"],
+                "k": p["k"],
+                "personal_lr": p["personal_lr_e6"] / 1e6,
+                "lr": p["lr_e6"] / 1e6,
+                "lam": p["lam"],
+            },
+        }
+        w, theta = self._job(job, base, flip_labels)
         self._personal = (a.round, theta)
         return w
 

@@ -114,10 +114,20 @@ class Mqtt:
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, wait: float | None = None) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self._last_publish = info
         if self.observer is not None:
             self.observer.sent(topic, len(payload))
         if wait:
             info.wait_for_publish(wait)
+
+    def flush(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until what was published so far has left."""
+        info = getattr(self, "_last_publish", None)
+        if info is not None and self.connected.is_set():
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):  # not connected / already failed: nothing to wait for
+                pass
 
     # -- paho callbacks (network thread) --
 

@@ -79,7 +79,11 @@ def run(
     operator_key: Optional[Path] = typer.Option(None, help="Operator key file (created if missing)."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
     seed: int = typer.Option(0),
-    threads: int = typer.Option(1, help="CPU threads per local agent."),
+    threads: int = typer.Option(1, help="CPU threads per local agent (ONNX inference) and per training job."),
+    train_slots: int = typer.Option(
+        0, min=0, help="Local agents: training jobs at once on this host's CPU (0: one per core). See `bfl-agent trainer`."
+    ),
+    train_device: str = typer.Option("auto", help="Where training runs: auto (CUDA when torch sees a GPU), cpu or cuda."),
     join_timeout: float = typer.Option(300, help="Seconds to wait for devices to connect."),
     quiet: bool = typer.Option(False, help="No progress bar."),
     metrics_port: int = typer.Option(
@@ -100,6 +104,8 @@ def run(
         fail(f"--dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     if vote_ref not in VOTE_REFERENCES:
         fail(f"--vote-ref {vote_ref!r}: choose one of {', '.join(VOTE_REFERENCES)}")
+    if train_device not in ("auto", "cpu", "cuda"):
+        fail(f"--train-device {train_device!r}: choose one of auto, cpu, cuda")
     if loss_guard < 0:
         fail("--loss-guard must be >= 0 (0 disables it)")
     if devices < 3 or rounds < 1 or local_epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= vh <= 1:
@@ -145,6 +151,8 @@ def run(
         out=out,
         seed=seed,
         threads=threads,
+        train_slots=train_slots,
+        train_device=train_device,
         join_timeout=join_timeout,
         metrics_port=metrics_port,
         metrics_addr=metrics_addr,

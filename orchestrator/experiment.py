@@ -9,10 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_agent import compute
 from edge_agent.byzantine import PROTOCOL_ATTACKS
 from edge_agent.ml import blobs as bl
 from edge_agent.ml.arch import init_params
@@ -66,6 +68,8 @@ class RunConfig:
     out: Path = Path("runs/latest")
     seed: int = 0
     threads: int = 1
+    train_slots: int = 0  # local agents: concurrent training jobs on this host (0: one per core)
+    train_device: str = "auto"
     join_timeout: float = 300.0
     run_id: str | None = None
     extra_agent_args: list[str] = field(default_factory=list)
@@ -135,6 +139,24 @@ class LocalAgents:
     def __init__(self, out: Path):
         self.out = out
         self.procs: dict[str, subprocess.Popen] = {}
+        self.trainer: subprocess.Popen | None = None
+        self.trainer_dir: Path | None = None
+
+    def start_trainer(self, cfg: RunConfig) -> str:
+        """The host's compute budget for these agents: one trainer service (a short socket
+        path: Unix sockets allow about 100 bytes)."""
+        self.trainer_dir = Path(tempfile.mkdtemp(prefix="bfl-"))
+        sock = self.trainer_dir / "trainer.sock"
+        cmd = [sys.executable, "-m", "edge_agent.cli", "trainer", "--socket", str(sock),
+               "--slots", str(cfg.train_slots), "--threads", str(cfg.threads)]  # fmt: skip
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.trainer = subprocess.Popen(cmd, stdout=open(self.out / "trainer.log", "ab"), stderr=subprocess.STDOUT, env=env)
+        end = time.monotonic() + 120
+        while not compute.connectable(sock):
+            if self.trainer.poll() is not None or time.monotonic() > end:
+                raise ExperimentError(f"the trainer service did not start; see {self.out / 'trainer.log'}")
+            time.sleep(0.1)
+        return f"unix:{sock}"
 
     def start(
         self,
@@ -146,6 +168,7 @@ class LocalAgents:
         metrics_ports: dict[str, int] | None = None,
     ) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), PYTHONUNBUFFERED="1")
+        trainer = self.start_trainer(cfg)
         for dev, key_path in keys.items():
             workdir = self.out / "agents" / dev
             workdir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +177,7 @@ class LocalAgents:
                 "--id", dev, "--key", str(key_path), "--broker", broker_url,
                 "--operator-key", operator_pub, "--workdir", str(workdir),
                 "--run", run_id, "--exit-after-run", "--threads", str(cfg.threads),
+                "--trainer", trainer, "--train-device", cfg.train_device,
             ]  # fmt: skip
             if cfg.data_dir:
                 cmd += ["--data-dir", str(cfg.data_dir)]
@@ -206,6 +230,15 @@ class LocalAgents:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if self.trainer is not None:
+            self.trainer.terminate()
+            try:
+                self.trainer.wait(10)
+            except subprocess.TimeoutExpired:
+                self.trainer.kill()
+            self.trainer = None
+        if self.trainer_dir is not None:
+            shutil.rmtree(self.trainer_dir, ignore_errors=True)
 
 
 def new_run_id(seed: int) -> str:

@@ -85,6 +85,7 @@ class RoundResult:
     train_ms_max: int = 0
     devices_reporting: int = 0
     agree: bool = True
+    timings: dict[str, dict[str, int]] = field(default_factory=dict)  # device -> its report's task times
 
     def as_json(self) -> dict:
         return {
@@ -99,6 +100,7 @@ class RoundResult:
             "train_seconds_max": round(self.train_ms_max / 1000, 2),
             "devices_reporting": self.devices_reporting,
             "heads_agree": self.agree,
+            "timings": self.timings,
         }
 
 
@@ -245,6 +247,7 @@ class Observer:
             train_ms_max=max((r.get("extra", {}).get("train_ms", 0) for r in reps.values()), default=0),
             devices_reporting=len(reps),
             agree=agree,
+            timings={d: dict(r.get("extra", {})) for d, r in sorted(reps.items()) if r.get("extra")},
         )
 
     def chain(self, upto: int, honest: set[str]) -> list:

@@ -86,24 +86,27 @@ def train_local(
     lr: float,
     seed: int,
     threads: int = 1,
+    device: str = "cpu",
 ) -> dict[str, np.ndarray]:
     """``epochs`` passes of plain SGD on (x, y) starting from ``params``; returns new params.
 
     Each epoch visits the samples in an order drawn from a ``torch.Generator`` seeded with
-    ``seed``, so the same inputs and seed give bit-identical results on one machine.
+    ``seed``, so the same inputs and seed give bit-identical results on one machine (and
+    device: ``cuda`` keeps the shard and the model on the GPU; the order is drawn on the CPU).
     """
     torch.set_num_threads(int(threads))
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"need the same non-zero number of images and labels, got {len(x)}, {len(y)}")
-    model = _load(arch, params)
+    dev = torch.device(device)
+    model = _load(arch, params).to(dev)
     model.train()
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28).to(dev)
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=float(lr), momentum=0.0, weight_decay=0.0)
     gen = torch.Generator().manual_seed(int(seed))
     n = len(xt)
     for _ in range(int(epochs)):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen).to(dev)
         for i in range(0, n, int(batch_size)):
             idx = order[i : i + int(batch_size)]
             opt.zero_grad(set_to_none=True)
@@ -127,6 +130,7 @@ def train_pfedme(
     lam: float,
     seed: int,
     threads: int = 1,
+    device: str = "cpu",
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """pFedMe's client update (Dinh, Tran, Nguyen, "Personalized Federated Learning with
     Moreau Envelopes", NeurIPS 2020, Algorithm 1).
@@ -139,17 +143,18 @@ def train_pfedme(
     torch.set_num_threads(int(threads))
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"need the same non-zero number of images and labels, got {len(x)}, {len(y)}")
-    theta = _load(arch, params)
+    dev = torch.device(device)
+    theta = _load(arch, params).to(dev)
     theta.train()
     w = {name: p.detach().clone() for name, p in theta.named_parameters()}
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
-    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28).to(dev)
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(dev)
     gen = torch.Generator().manual_seed(int(seed))
     n, b = len(xt), min(int(batch_size), len(xt))
-    order, pos = torch.randperm(n, generator=gen), 0
+    order, pos = torch.randperm(n, generator=gen).to(dev), 0
     for _ in range(int(local_iters)):
         if pos + b > n:
-            order, pos = torch.randperm(n, generator=gen), 0
+            order, pos = torch.randperm(n, generator=gen).to(dev), 0
         idx = order[pos : pos + b]
         pos += b
         for _ in range(int(k)):

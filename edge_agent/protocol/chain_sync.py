@@ -91,6 +91,8 @@ class ChainSync:
         height, head = env.body.get("height"), env.body.get("head")
         if not isinstance(height, int) or height < 0 or height > self.genesis.rounds or not valid_hash(head):
             raise Drop("malformed", "head")
+        if height == self.genesis.rounds:
+            self.peers_finished.add(env.sender)
         mine = self.states[height].head if height <= self.state.height else None
         if height > self.state.height and self.distrusted.get(env.sender, -1) <= self.state.height:
             if self.peer_heights.get(env.sender, -1) < height:

@@ -137,6 +137,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.outbox: list = []  # actions raised deep in a step (drops), returned with its result
         self.reorgs = 0
         self.finished = False
+        self.peers_finished: set[str] = set()  # peers that claim the run's last block (see agent.py)
         # candidates for each height (gossiped or pulled), verdicts, evidence
         self.candidates: dict[int, dict[str, Envelope]] = {}
         self.invalid: set[str] = set()
