@@ -94,8 +94,12 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_pss_kb(root: int) -> tuple[int, int, dict[str, int]]:
-    """(total PSS kB, processes, kB by kind) of ``root`` and all its descendants."""
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_pss_kb(root: int, cpu: dict | None = None) -> tuple[int, int, dict[str, int]]:
+    """(total PSS kB, processes, kB by kind) of ``root`` and all its descendants; fills
+    ``cpu`` with pid -> (kind, CPU seconds so far)."""
     kids = _children()
     todo, total, n, kinds = [root], 0, 0, {}
     while todo:
@@ -106,7 +110,10 @@ def tree_pss_kb(root: int) -> tuple[int, int, dict[str, int]]:
                 pss = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, StopIteration):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu_s = (int(fields[11]) + int(fields[12])) / TICK
+        except (OSError, StopIteration, IndexError, ValueError):
             continue
         kind = (
             "trainer worker" if "trainer_worker" in cmd
@@ -119,6 +126,8 @@ def tree_pss_kb(root: int) -> tuple[int, int, dict[str, int]]:
         total += pss
         n += 1
         kinds[kind] = kinds.get(kind, 0) + pss
+        if cpu is not None:
+            cpu[pid] = (kind, cpu_s)
     return total, n, kinds
 
 
@@ -128,13 +137,28 @@ class PeakPss(threading.Thread):
         self.pid, self.every = pid, every
         self.peak, self.peak_kinds, self.peak_n = 0, {}, 0
         self.done = threading.Event()
+        self.cpu_samples: list[tuple[float, dict]] = []  # (time.time(), pid -> (kind, CPU s))
 
     def run(self) -> None:
         while not self.done.is_set():
-            total, n, kinds = tree_pss_kb(self.pid)
+            cpu: dict = {}
+            total, n, kinds = tree_pss_kb(self.pid, cpu)
+            self.cpu_samples.append((time.time(), cpu))
             if total > self.peak:
                 self.peak, self.peak_kinds, self.peak_n = total, kinds, n
             self.done.wait(self.every)
+
+    def cpu_between(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds by process kind between the samples nearest t0 and t1."""
+        if not self.cpu_samples:
+            return {}
+        a = min(self.cpu_samples, key=lambda s: abs(s[0] - t0))[1]
+        b = min(self.cpu_samples, key=lambda s: abs(s[0] - t1))[1]
+        out: dict[str, float] = {}
+        for pid, (kind, c1) in b.items():
+            c0 = a.get(pid, (kind, 0.0))[1]
+            out[kind] = out.get(kind, 0.0) + max(0.0, c1 - c0)
+        return out
 
 
 # -- the run's critical path --
@@ -175,11 +199,11 @@ def critical_path(r: dict) -> list[tuple[str, float]]:
 
 def cpu_by_task(r: dict) -> dict[str, float]:
     keys = {
-        "train (compute)": "train_compute_ms",
-        "train (wait for a slot)": "train_wait_ms",
-        "validate (ONNX)": "evaluate_ms",
-        "mine + verify G_j (aggregate)": "aggregate_ms",
-        "global accuracy (ONNX)": "evaluateglobal_ms",
+        "train (in the trainer's workers, wall)": "train_compute_ms",
+        "train (wait for a slot, wall)": "train_wait_ms",
+        "validate (ONNX)": "evaluate_cpu_ms",
+        "mine + verify G_j (aggregate)": "aggregate_cpu_ms",
+        "global accuracy (ONNX)": "evaluateglobal_cpu_ms",
         "protocol core (rules, sign/verify, JSON)": "node_ms",
     }
     return {name: sum(v.get(k, 0) for v in r["timings"].values()) / 1000 for name, k in keys.items()}
@@ -190,7 +214,7 @@ def main() -> int:
     p.add_argument("--model", default="cnn")
     p.add_argument("--devices", type=int, default=20)
     p.add_argument("--roles", default="12,5,3")
-    p.add_argument("--malicious", type=int, default=3)
+    p.add_argument("--malicious", type=int, default=0)
     p.add_argument("--samples", type=int, default=3000, help="training samples per device")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch", type=int, default=10)
@@ -258,9 +282,18 @@ def main() -> int:
     print(f"\ncritical path of round {last['round']} (s):")
     for name, v in critical_path(last):
         print(f"  {name:<40} {v:8.1f}")
-    print(f"\nCPU by task in all devices, round {last['round']} (s):")
+    print(f"\nCPU by task in all devices, round {last['round']} (s; thread CPU time unless marked wall):")
     for name, v in cpu_by_task(last).items():
         print(f"  {name:<40} {v:8.1f}")
+    t = last["timings"].values()
+    t0 = min(v["t_start_ms"] for v in t if "t_start_ms" in v) / 1000
+    t1 = max(v["t_commit_ms"] for v in t if "t_commit_ms" in v) / 1000
+    by_kind = mem.cpu_between(t0, t1)
+    print(f"\nCPU by process kind in round {last['round']} ({t1 - t0:.1f} s from the first device starting it "
+          f"to the last appending its block; {host_cpus()} cores = {host_cpus() * (t1 - t0):.0f} CPU s):")  # fmt: skip
+    for kind, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<40} {v:8.1f}")
+    figures["cpu_by_process_kind"] = by_kind
     print(f"\npeak PSS of the testbed: {mem.peak / 1024:.0f} MB in {mem.peak_n} processes")
     for kind, kb in sorted(mem.peak_kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<20} {kb / 1024:8.0f} MB")

@@ -40,6 +40,7 @@ TICK_S = 0.25
 # With --exit-after-run a finished device keeps serving blocks and blobs until every peer
 # claims the last block, or this long: a peer that restarted late can still catch up.
 FINISH_LINGER_S = 30.0
+_WAKE = object()  # put in the MQTT inbox when a task finished: the main loop sleeps on the inbox
 
 
 def default_capabilities(trainer: str | None = None) -> list[str]:
@@ -182,8 +183,9 @@ class Agent:
             if timeout <= 0:
                 break
             try:
-                item = self.mqtt.inbox.get(timeout=min(timeout, 0.05))
-                self._on_incoming(item)
+                item = self.mqtt.inbox.get(timeout=timeout)  # a task's result also wakes us (_WAKE)
+                if item is not _WAKE:
+                    self._on_incoming(item)
             except queue.Empty:
                 pass
             while True:
@@ -206,11 +208,11 @@ class Agent:
             self.metrics.drops(self.drops, source="agent")
 
     def _core(self, step, *args) -> list:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             return step(*args, time.monotonic())
         finally:
-            self.node_ms += (time.perf_counter() - t0) * 1000
+            self.node_ms += (time.thread_time() - t0) * 1000  # CPU time of the protocol core
 
     def _on_incoming(self, msg: Incoming) -> None:
         try:
@@ -338,9 +340,9 @@ class Agent:
                 self.store.rewrite(kept)
                 self.retention = BlobRetention(self.keep_rounds, self.node.genesis.init_model, [b.body for b in kept])
                 log.warning("%s: reorganised: chain rolled back to height %d", self.me, a.height)
-            elif isinstance(a, (nd.Train, nd.Evaluate, nd.Aggregate, nd.EvaluateGlobal)):
+            elif isinstance(a, (nd.Train, nd.Evaluate, nd.Score, nd.Aggregate, nd.EvaluateGlobal)):
                 fut = self.tasks.submit(self._timed, self.runtime, a)
-                fut.add_done_callback(lambda f: self.events.put(self._with_timings(f.result())))
+                fut.add_done_callback(self._task_done)
             elif isinstance(a, nd.CommitBlock):
                 self.store.append(a.block)
                 pruned = [h for h in self.retention.committed(a.block.body) if self.blobs.delete(h)]
@@ -376,8 +378,14 @@ class Agent:
                 if isinstance(action, nd.Aggregate):
                     phase = "mine" if action.key == "mine" else "verify_block"
                 else:
-                    phase = {nd.Train: "train", nd.Evaluate: "validate", nd.EvaluateGlobal: "evaluate_global"}[type(action)]
+                    phase = {nd.Train: "train", nd.Evaluate: "validate", nd.Score: "validate", nd.EvaluateGlobal: "evaluate_global"}[type(action)]
                 self.metrics.task_time(phase, time.monotonic() - t0)
+
+    def _task_done(self, fut) -> None:
+        ev = fut.result()
+        if ev is not None:  # (Score caches and returns nothing)
+            self.events.put(self._with_timings(ev))  # task results first, before queued messages
+            self.mqtt.inbox.put(_WAKE)
 
     def _mark(self, a) -> None:
         """When this device entered each step of a round (ms since the epoch, for the round

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .compute import Trainer
 from .ml import blobs as bl
-from .ml.data import DeviceData, device_data
+from .ml.data import DeviceData, device_data, release_datasets
 from .protocol import node as nd
 from .protocol.genesis import Genesis
 
@@ -61,6 +61,7 @@ class Runtime:
     def data(self) -> DeviceData:
         if self._data is None:
             self._data = device_data(self.genesis.data, self.genesis.index_of(self.me), self.data_dir)
+            release_datasets()
         return self._data
 
     @property
@@ -115,12 +116,15 @@ class Runtime:
     # -- actions --
 
     def run(self, action):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             if isinstance(action, nd.Train):
                 return self.train(action)
             if isinstance(action, nd.Evaluate):
                 return self.evaluate(action)
+            if isinstance(action, nd.Score):  # cached for the validator's Evaluate; no event
+                self._score(action.model)
+                return None
             if isinstance(action, nd.Aggregate):
                 return self.aggregate(action)
             if isinstance(action, nd.EvaluateGlobal):
@@ -131,8 +135,10 @@ class Runtime:
             key = str(getattr(action, "round", getattr(action, "key", getattr(action, "height", ""))))
             return nd.TaskFailed(type(action).__name__.lower(), key, f"{type(exc).__name__}: {exc}")
         finally:
-            name = type(action).__name__.lower()
+            name = "evaluate" if isinstance(action, nd.Score) else type(action).__name__.lower()
             self.timings[name] = self.timings.get(name, 0) + int((time.perf_counter() - t0) * 1000)
+            cpu = f"{name}_cpu"  # this thread's CPU time: the task's cost, whatever else runs
+            self.timings[cpu] = self.timings.get(cpu, 0) + int((time.thread_time() - c0) * 1000)
 
     def take_timings(self) -> dict[str, int]:
         """Milliseconds spent per task kind since the last call (for the round report)."""
@@ -225,12 +231,13 @@ class Runtime:
         missing = tuple(h for h, _ in a.inputs if not self.store.has(h))
         if missing:
             return nd.AggregateDone(a.key, None, missing)
-        updates = []
-        for h, n in a.inputs:
+        def load(h: str) -> bytes:
             data = self.store.get(h)
             if data is None:
                 raise RuntimeError(f"blob {h[:12]} not in the store")
-            updates.append((data, n))
+            return data
+
+        updates = [(lambda h=h: load(h), n) for h, n in a.inputs]  # read one at a time
         g = aggregate_for_genesis(self.genesis.hp, self.arch, updates, warn=lambda m: log.warning("%s: %s", self.me, m))
         if g is None:
             return nd.AggregateDone(a.key, a.base)

@@ -16,6 +16,9 @@ data_app = typer.Typer(add_completion=False, help="Datasets.", no_args_is_help=T
 app.add_typer(data_app, name="data")
 
 
+LOCAL_BROKERS = ("mosquitto", "embedded")  # --broker values that start one for the run
+
+
 def fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
@@ -74,7 +77,11 @@ def run(
     krum_f: Optional[int] = typer.Option(None, help="Multi-Krum's assumed number of attackers f (default: --malicious)."),
     knockout: int = typer.Option(3, help="Blacklist after this many consecutive rejected updates (0: never)."),
     deadlines: str = typer.Option("900,300,120", help="Phase deadlines TRAIN,VALIDATE,MINE in seconds."),
-    broker: Optional[str] = typer.Option(None, help="mqtt://HOST:PORT of an existing broker (default: embedded)."),
+    broker: Optional[str] = typer.Option(
+        None,
+        help="mqtt://HOST:PORT of an existing broker; 'mosquitto' (a local Mosquitto for this run) or 'embedded' "
+        "(amqtt inside bfl). Default: mosquitto when installed, else embedded.",
+    ),
     external: bool = typer.Option(False, help="Use agents already connected to --broker instead of starting them."),
     operator_key: Optional[Path] = typer.Option(None, help="Operator key file (created if missing)."),
     out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
@@ -110,9 +117,9 @@ def run(
         fail("--loss-guard must be >= 0 (0 disables it)")
     if devices < 3 or rounds < 1 or local_epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= vh <= 1:
         fail("need --devices >= 3, --rounds >= 1, --local-epochs >= 1, --batch-size >= 1, --lr > 0, 0 <= --vh <= 1")
-    if external and not broker:
+    if external and (not broker or broker in LOCAL_BROKERS):
         fail("--external needs --broker URL (the broker the devices are connected to)")
-    if broker is not None:
+    if broker is not None and broker not in LOCAL_BROKERS:
         from edge_agent.transport import TransportError, parse_broker_url
 
         try:

@@ -104,9 +104,11 @@ def test_small_run_over_real_broker(broker, tmp_path, request):
     args = [*SMALL, "--out", str(out), "--seed", "1"]
     if broker == "mosquitto":
         args += ["--broker", request.getfixturevalue("mosquitto_broker")]
+    else:
+        args += ["--broker", "embedded"]
     proc = bfl("run", *args)
     summary = check_run(out, proc)
-    assert summary["config"]["broker"] == ("embedded" if broker == "embedded" else args[-1])
+    assert summary["config"]["broker"] == args[-1]
     # the per-round lines were printed, each naming the devices whose updates were rejected
     assert proc.stdout.count("round ") >= 3 and "winner" in proc.stdout
     for r in summary["rounds"]:

@@ -617,6 +617,8 @@ class Harness:
                 del self.committed[a.height :]
             elif isinstance(a, nd.BlobRequestAnswer):
                 assert a.hash in self.store, "asked to re-publish a blob the store does not hold"
+            elif isinstance(a, nd.Score):
+                assert a.model in self.stored, "asked to score a blob it did not store"
             elif isinstance(a, nd.Finished):
                 assert a.state == node.state
             elif isinstance(a, nd.Dropped):

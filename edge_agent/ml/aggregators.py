@@ -25,6 +25,7 @@ ValueError. :func:`aggregate` gives every rule the uniform result
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -169,7 +170,8 @@ def aggregate_for_genesis(
 ) -> Params | None:
     """G_j as every device computes it: the one definition (``Runtime.aggregate``, ``bfl verify``).
 
-    ``updates`` are the accepted updates' blob bytes with their sample counts, in
+    ``updates`` are the accepted updates' blob bytes (or functions returning them, read one
+    at a time) with their sample counts, in
     ``ledger.aggregation_inputs`` order. An update that does not decode to finite parameters
     of ``arch`` (e.g. a diverged baseline) is skipped -- the same rule on every device, so
     every device still computes the same G_j. The genesis' ``hp.aggregator`` picks the rule:
@@ -183,17 +185,22 @@ def aggregate_for_genesis(
         if warn is not None:
             warn(msg)
 
-    usable: Updates = []
-    for data, n in updates:
-        try:
-            usable.append((decode(data, arch), n))
-        except ValueError as exc:
-            note(f"FedAvg skips update {blob_hash(data)[:12]}: {exc}")
+    def decoded():
+        for data, n in updates:
+            raw = data() if callable(data) else data
+            try:
+                yield decode(raw, arch), n
+            except ValueError as exc:
+                note(f"FedAvg skips update {blob_hash(raw)[:12]}: {exc}")
+
+    rule = hp.get("aggregator", "fedavg")
+    if rule == "fedavg":  # streamed: one update in memory at a time
+        stream = decoded()
+        first = next(stream, None)
+        return None if first is None else fedavg(itertools.chain([first], stream))
+    usable: Updates = list(decoded())
     if not usable:
         return None
-    rule = hp.get("aggregator", "fedavg")
-    if rule == "fedavg":
-        return fedavg(usable)
     kw = {"trim_ratio": hp.get("trim_ratio_bp", 1000) / 10000} if rule == "trimmed_mean" else {}
     try:
         g, _ = aggregate(rule, usable, n_malicious=hp.get("krum_f", 0), **kw)

@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -170,19 +171,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def fedavg(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+def fedavg(updates: Iterable[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
     """FedAvg (McMahan et al. 2017): the average of models weighted by their sample counts.
 
     Deterministic across machines: element-wise accumulation in float64 in the given
-    order (callers sort the updates canonically), one division, cast to float32.
+    order (callers sort the updates canonically), one division, cast to float32. ``updates``
+    may be a generator: one update at a time is held besides the sum.
     """
-    if not updates:
-        raise ValueError("fedavg needs at least one update")
-    first = updates[0][0]
-    names = sorted(first)
-    acc = {k: np.zeros(np.shape(first[k]), dtype=np.float64) for k in names}
+    acc: dict[str, np.ndarray] | None = None
+    names: list[str] = []
     total = 0
     for i, (params, n) in enumerate(updates):
+        if acc is None:
+            names = sorted(params)
+            acc = {k: np.zeros(np.shape(params[k]), dtype=np.float64) for k in names}
         if isinstance(n, bool) or int(n) != n or int(n) <= 0:
             raise ValueError(f"update {i} has sample count {n!r}; expected a positive integer")
         if sorted(params) != names:
@@ -194,4 +196,6 @@ def fedavg(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.nda
                 raise ValueError(f"update {i} param {k} has shape {v.shape}, expected {acc[k].shape}")
             acc[k] += v.astype(np.float64) * w
         total += int(n)
+    if acc is None:
+        raise ValueError("fedavg needs at least one update")
     return {k: (acc[k] / float(total)).astype(np.float32) for k in names}

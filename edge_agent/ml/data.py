@@ -199,6 +199,12 @@ def _load_cached(name: str, files: tuple[tuple[str, str, int, int], ...]) -> Dat
     return Dataset(name=name, **arrays)
 
 
+def release_datasets() -> None:
+    """Drop the parsed datasets this process caches (an agent keeps only its own shard:
+    about 55 MB less per agent for Fashion-MNIST)."""
+    _load_cached.cache_clear()
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     """Load ``name`` ("mnist" or "fashion-mnist") from IDX files.
 

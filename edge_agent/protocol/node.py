@@ -67,6 +67,7 @@ from .round import (
     DeleteBlob,
     Dropped,
     EvaluateGlobal,
+    Score,
     EvaluationDone,
     Finished,
     GlobalEvaluated,
@@ -421,7 +422,16 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
     def _accept_blob(self, blob_hash: str, data: bytes) -> list:
         self.blobs.add(blob_hash)
         self.round_blobs.add(blob_hash)
-        return [StoreBlob(blob_hash, data)]
+        acts: list = [StoreBlob(blob_hash, data)]
+        ctx = self.ctx
+        if (
+            ctx is not None
+            and ctx.roles.is_validator(self.me)
+            and ctx.validator is ValidatorPhase.COLLECTING
+            and blob_hash in ctx.models()
+        ):
+            acts.append(Score(ctx.round, blob_hash))
+        return acts
 
     def _wanted(self) -> set[str]:
         """Blobs named by this round's worker txs or by candidate blocks we may check."""

@@ -38,6 +38,7 @@ __all__ = [
     "DeleteBlob",
     "Train",
     "Evaluate",
+    "Score",
     "Aggregate",
     "CommitBlock",
     "Rollback",
@@ -146,6 +147,15 @@ class Evaluate:
     models: tuple[str, ...]
     want_trained: bool
     seed: int
+
+
+@dataclass(frozen=True)
+class Score:
+    """A validator scores an update as soon as its blob is in (the shell caches the score),
+    so that its vote at the end of the train phase waits only for the last update."""
+
+    round: int
+    model: str
 
 
 @dataclass(frozen=True)
