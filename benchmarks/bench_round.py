@@ -294,6 +294,11 @@ def main() -> int:
     for kind, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<40} {v:8.1f}")
     figures["cpu_by_process_kind"] = by_kind
+    msgs = sum(v.get("rx_msgs", 0) for v in t)
+    mb = sum(v.get("rx_bytes", 0) for v in t) / 1e6
+    print(f"\nthe broker delivered to the devices in round {last['round']}: {msgs} messages, {mb:.0f} MB")
+    print(f"agents ready (all said hello) {s.get('agents_ready_s', float('nan')):.1f} s after they were started")
+    figures.update(delivered_msgs=msgs, delivered_mb=mb, agents_ready_s=s.get("agents_ready_s"))
     print(f"\npeak PSS of the testbed: {mem.peak / 1024:.0f} MB in {mem.peak_n} processes")
     for kind, kb in sorted(mem.peak_kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<20} {kb / 1024:8.0f} MB")

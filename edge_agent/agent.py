@@ -121,6 +121,7 @@ class Agent:
         self.stopped = False
         self.stop_requested = False
         self.marks: dict[int, dict[str, int]] = {}  # round -> step -> time (see _mark)
+        self.rx_seen = (0, 0)
         self.node_ms = 0.0  # in the protocol core (rules, signatures, encoding) since the last report
         self.leave_at: float | None = None  # set when the run finished (--exit-after-run)
         self.final_reported = False
@@ -407,6 +408,9 @@ class Agent:
             timings = self.runtime.take_timings()
             timings["drops"] = sum(self.drops.values())
             timings["node_ms"], self.node_ms = int(self.node_ms), 0.0
+            rx = (self.mqtt.rx_msgs, self.mqtt.rx_bytes)  # what the broker delivered to us since the last report
+            timings["rx_msgs"], timings["rx_bytes"] = rx[0] - self.rx_seen[0], rx[1] - self.rx_seen[1]
+            self.rx_seen = rx
             timings.update(self.marks.pop(ev.height, {}))
             for r in [r for r in self.marks if r < ev.height - 4]:
                 del self.marks[r]

@@ -58,6 +58,7 @@ class Mqtt:
         self.host, self.port, tls = parse_broker_url(url)
         self.url = url
         self.inbox: queue.Queue = queue.Queue()
+        self.rx_msgs = self.rx_bytes = 0  # delivered to us by the broker, since the start
         self.subscriptions: list[str] = []
         self.connected = threading.Event()
         self.observer = observer
@@ -149,6 +150,8 @@ class Mqtt:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg):
+        self.rx_msgs += 1
+        self.rx_bytes += len(msg.payload)
         if self.observer is not None:
             self.observer.received(msg.topic, len(msg.payload))
         self.inbox.put(Incoming(msg.topic, bytes(msg.payload)))

@@ -258,6 +258,7 @@ class Experiment:
         self.agents: LocalAgents | None = None
         self.broker = None
         self.broker_kind = "embedded"
+        self.agents_ready_s = 0.0
         self.mqtt: Mqtt | None = None
         self.observer: Observer | None = None
         self.genesis: Genesis | None = None
@@ -388,6 +389,13 @@ class Experiment:
 
     def start_agents(self) -> dict[str, dict]:
         """Start local agents (or wait for external ones) and return the admitted devices."""
+        t0 = time.monotonic()
+        try:
+            return self._start_agents()
+        finally:
+            self.agents_ready_s = time.monotonic() - t0
+
+    def _start_agents(self) -> dict[str, dict]:
         cfg = self.cfg
         obs = self.observer
         assert obs is not None
@@ -572,6 +580,8 @@ class Experiment:
             "dropped_messages": {d: r.get("drops", {}) for d, r in sorted(final.items()) if r.get("drops")},
             # what the operator itself dropped (malformed, forged, ...), by reason
             "operator_drops": dict(sorted(obs.drops.items())),
+            # seconds from starting the agents (or waiting for them) until all had said hello
+            "agents_ready_s": round(self.agents_ready_s, 1),
         }
 
     def csv_rows(self, experiment: str, setting: str, repeat: int) -> tuple[list[dict], list[dict]]:

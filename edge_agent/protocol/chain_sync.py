@@ -161,7 +161,9 @@ class ChainSync:
         ctx.wtx_pull_at = now + WTX_PULL_S
         missing = sorted(set(ctx.roles.workers) - ctx.workers_in())
         vtx_of = sorted(set(ctx.roles.validators) - set(ctx.vtxs)) if ctx.roles.is_miner(self.me) else []
-        blobs = sorted(ctx.models() - self.blobs)
+        # a blob whose tx came less than WTX_PULL_S ago is still in flight (a model is
+        # megabytes; its tx a few hundred bytes): asking would have it sent to everyone twice
+        blobs = sorted(h for h in ctx.models() - self.blobs if now - ctx.wtx_at.get(h, now) >= WTX_PULL_S)
         if not missing and not blobs and not vtx_of:
             return []
         log.info(
@@ -206,6 +208,8 @@ class ChainSync:
         ctx = self.ctx
         current = ctx is not None and env.round == ctx.round
         for mine, asked in ((self.my_wtx, wtx_of), (self.my_vtx, vtx_of)):
+            if mine is self.my_wtx and now - self.my_wtx_at < WTX_PULL_S:
+                continue  # published just now: the request crossed it in flight
             if self.me in asked and mine is not None and current and mine.round == ctx.round:
                 # our tx was missed: publish it again (receivers dedupe by id)
                 acts.append(Publish(topic(self.run, mine.kind, self.me), mine.payload()))

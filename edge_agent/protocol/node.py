@@ -126,6 +126,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.ctx: RoundCtx | None = None
         self.future: dict[int, list[Received]] = {}
         self.my_wtx: Envelope | None = None  # re-published when a peer reports it missing
+        self.my_wtx_at = 0.0  # ... unless we published it less than WTX_PULL_S ago (in flight)
         self.my_vtx: Envelope | None = None
         self.seen: set[str] = set()
         self.blobs: set[str] = set()  # stored (named by a tx or block we hold)
@@ -383,6 +384,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             if sum(1 for e in ctx.wtxs.values() if e.sender == env.sender) >= 2:
                 raise Drop("equivocation", f"a third worker tx from {env.sender}")
             ctx.wtxs[env.id] = env
+            ctx.wtx_at.setdefault(env.body["model"], now)
             acts += self._adopt_pending(env.sender, env.body["model"])
             if not ctx.wtx_pull_at:
                 ctx.wtx_pull_at = now + WTX_PULL_S

@@ -260,6 +260,7 @@ class RoundCtx:
     waiting_logged: bool = False
     wtx_pull_at: float = 0.0  # when to ask missing workers to re-publish (0: not yet due)
     all_wtx_at: float = 0.0  # when every worker's tx had arrived
+    wtx_at: dict[str, float] = field(default_factory=dict)  # model -> when the tx naming it came
     asked: set[str] = field(default_factory=set)  # worker tx ids a miner asked validators for
 
     def elapsed_ms(self, now: float) -> float:

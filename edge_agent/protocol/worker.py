@@ -36,6 +36,7 @@ class WorkerSteps:
         if before is not None:  # signed before a restart: publish that one again
             ctx.worker = WorkerPhase.SUBMITTED
             ctx.wtxs[before.id] = self.my_wtx = before
+            self.my_wtx_at = now
             self.own_blobs.add(before.body["model"])
             if self.have_blob(before.body["model"]):
                 self.blobs.add(before.body["model"])
@@ -62,7 +63,7 @@ class WorkerSteps:
         self.seen.add(env.id)
         self.slots[slot(env)] = self.signed[slot(env)] = env
         ctx.wtxs[env.id] = env
-        self.my_wtx = env
+        self.my_wtx, self.my_wtx_at = env, now
         acts = self._accept_blob(model_hash, ev.blob)
         acts.append(Publish(topic(self.run, "blob", self.me, model_hash), ev.blob))
         acts.append(Publish(topic(self.run, "wtx", self.me), env.payload()))
