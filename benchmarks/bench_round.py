@@ -205,6 +205,10 @@ def cpu_by_task(r: dict) -> dict[str, float]:
         "mine + verify G_j (aggregate)": "aggregate_cpu_ms",
         "global accuracy (ONNX)": "evaluateglobal_cpu_ms",
         "protocol core (rules, sign/verify, JSON)": "node_ms",
+        "agents: main loop thread": "cpu_main_ms",
+        "agents: MQTT network thread": "cpu_mqtt_ms",
+        "agents: task thread": "cpu_tasks_ms",
+        "agents: whole processes": "cpu_process_ms",
     }
     return {name: sum(v.get(k, 0) for v in r["timings"].values()) / 1000 for name, k in keys.items()}
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import byzantine
-from .compute import ComputeError, Trainer, ensure_service
+from .compute import ComputeError, SharedCache, Trainer, ensure_service
 from .metrics import stop_serving, topic_kind
 from .ml.blobs import BlobStore
 from .protocol import node as nd
@@ -76,6 +76,7 @@ class Agent:
         keep_rounds: int = 0,
         trainer: str | None = None,
         train_device: str = "auto",
+        shared_cache: str | Path | None = None,
     ):
         self.me = device_id
         self.key = key
@@ -88,7 +89,8 @@ class Agent:
         self.caps = capabilities or default_capabilities(trainer)
         self.trainer = Trainer(trainer, train_device)
         assert all(c in CAPABILITIES for c in self.caps)
-        self.blobs = BlobStore(self.workdir / "blobs")
+        self.shared = SharedCache(shared_cache) if shared_cache else None
+        self.blobs = BlobStore(self.workdir / "blobs", shared=self.shared.blobs if self.shared else None)
         offline = self._signed_status("offline")
         self.metrics = None
         self.metrics_server = None
@@ -122,6 +124,7 @@ class Agent:
         self.stop_requested = False
         self.marks: dict[int, dict[str, int]] = {}  # round -> step -> time (see _mark)
         self.rx_seen = (0, 0)
+        self.cpu_seen: dict[str, float] = {}
         self.node_ms = 0.0  # in the protocol core (rules, signatures, encoding) since the last report
         self.leave_at: float | None = None  # set when the run finished (--exit-after-run)
         self.final_reported = False
@@ -262,7 +265,7 @@ class Agent:
         resumed = self.store.load_genesis() is not None  # joined this run before: a restart
         self.store.save_genesis(genesis.env)
         blocks = self.store.load_blocks()
-        self.runtime = Runtime(genesis, self.me, self.blobs, self.data_dir, self.threads, self.trainer)
+        self.runtime = Runtime(genesis, self.me, self.blobs, self.data_dir, self.threads, self.trainer, self.shared)
         self.runtime.attack = self.attack
         self.runtime.ensure_initial_model()
         _ = self.runtime.data  # load the shard now: a missing dataset fails at join, loudly
@@ -382,6 +385,30 @@ class Agent:
                     phase = {nd.Train: "train", nd.Evaluate: "validate", nd.Score: "validate", nd.EvaluateGlobal: "evaluate_global"}[type(action)]
                 self.metrics.task_time(phase, time.monotonic() - t0)
 
+    def _cpu_by_thread(self) -> dict[str, int]:
+        """CPU ms since the last report of the whole process and of its threads by role
+        (main loop, MQTT network, tasks): the benchmark's breakdown of an agent's cost."""
+        import threading
+
+        now = {"cpu_process_ms": time.process_time()}
+        for t in threading.enumerate():
+            role = (
+                "main" if t is threading.main_thread()
+                else "tasks" if t.name.startswith(f"{self.me}-task")
+                else "mqtt" if t.name.startswith("paho")
+                else None
+            )  # fmt: skip
+            if role and t.ident is not None:
+                try:
+                    c = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+                except (OSError, AttributeError):
+                    continue
+                key = f"cpu_{role}_ms"
+                now[key] = now.get(key, 0.0) + c
+        out = {k: int((v - self.cpu_seen.get(k, 0.0)) * 1000) for k, v in now.items()}
+        self.cpu_seen = now
+        return out
+
     def _task_done(self, fut) -> None:
         ev = fut.result()
         if ev is not None:  # (Score caches and returns nothing)
@@ -408,6 +435,7 @@ class Agent:
             timings = self.runtime.take_timings()
             timings["drops"] = sum(self.drops.values())
             timings["node_ms"], self.node_ms = int(self.node_ms), 0.0
+            timings.update(self._cpu_by_thread())
             rx = (self.mqtt.rx_msgs, self.mqtt.rx_bytes)  # what the broker delivered to us since the last report
             timings["rx_msgs"], timings["rx_bytes"] = rx[0] - self.rx_seen[0], rx[1] - self.rx_seen[1]
             self.rx_seen = rx

@@ -88,6 +88,11 @@ def run(
     train_device: str = typer.Option(
         "auto", envvar="BFL_TRAIN_DEVICE", help="Where training runs: auto (CUDA when torch sees a GPU), cpu or cuda."
     ),
+    shared_cache: Optional[Path] = typer.Option(
+        None,
+        envvar="BFL_SHARED_CACHE",
+        help="Co-located agents of one operator: share stored blobs and aggregates in DIR (bfl run sets it).",
+    ),
     log_level: str = typer.Option("INFO", envvar="BFL_LOG_LEVEL"),
 ):
     """Connect to the broker, announce this device, and take part in runs it is admitted to."""
@@ -143,6 +148,7 @@ def run(
             keep_rounds=keep_rounds,
             trainer=trainer,
             train_device=train_device,
+            shared_cache=shared_cache,
         )
         logging.getLogger("bfl.agent").info("%s: key fingerprint %s", device_id, fingerprint(key.public_hex))
         # SIGTERM (systemd, podman stop, Kubernetes; PID 1 in a container ignores it otherwise)

@@ -397,3 +397,39 @@ class TrainerService:
                     w.proc.wait(5)
                 except Exception:
                     w.proc.kill()
+
+
+# -- pure computations shared by co-located agents --
+
+
+class SharedCache:
+    """What the agents of one ``bfl run`` on one host compute identically, done once: every
+    device aggregates G_j from the same content-addressed inputs, and stores the same blobs.
+    Opt-in (``bfl-agent run --shared-cache DIR``; ``bfl run`` passes one per run to its local
+    agents, which one operator started and trusts alike): on separate boards each device
+    still computes and stores everything itself. Results are checked like any other (G_j
+    against the block, blobs against their hash on every read)."""
+
+    def __init__(self, root: str | Path):
+        from .ml.blobs import BlobStore
+
+        self.root = Path(root)
+        self.blobs = BlobStore(self.root / "blobs")
+        (self.root / "agg").mkdir(parents=True, exist_ok=True)
+
+    def once(self, key: str, compute) -> str | None:
+        """The blob hash ``compute()`` gives for ``key`` (its bytes, or None), computed by the
+        first agent to ask while the others wait on a file lock."""
+        path = self.root / "agg" / key
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.is_file():
+                text = path.read_text().strip()
+                if text == "none" or self.blobs.has(text):
+                    return None if text == "none" else text
+            data = compute()
+            text = "none" if data is None else self.blobs.put(data)
+            tmp = path.with_suffix(".part")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            return None if data is None else text

@@ -11,10 +11,12 @@ import logging
 import time
 from pathlib import Path
 
-from .compute import Trainer
+from .compute import SharedCache, Trainer
 from .ml import blobs as bl
 from .ml.data import DeviceData, device_data, release_datasets
 from .protocol import node as nd
+from .protocol.canonical import canonical_bytes
+from .protocol.crypto import sha256_hex
 from .protocol.genesis import Genesis
 
 log = logging.getLogger("bfl.runtime")
@@ -38,9 +40,11 @@ class Runtime:
         data_dir: str | Path | None,
         threads: int = 1,
         trainer: Trainer | None = None,
+        shared: SharedCache | None = None,
     ):
         self.genesis = genesis
         self.trainer = trainer or Trainer()
+        self.shared = shared
         self.me = me
         self.store = store
         self.data_dir = data_dir
@@ -237,8 +241,20 @@ class Runtime:
                 raise RuntimeError(f"blob {h[:12]} not in the store")
             return data
 
-        updates = [(lambda h=h: load(h), n) for h, n in a.inputs]  # read one at a time
-        g = aggregate_for_genesis(self.genesis.hp, self.arch, updates, warn=lambda m: log.warning("%s: %s", self.me, m))
-        if g is None:
+        def compute() -> bytes | None:
+            updates = [(lambda h=h: load(h), n) for h, n in a.inputs]  # read one at a time
+            g = aggregate_for_genesis(self.genesis.hp, self.arch, updates, warn=lambda m: log.warning("%s: %s", self.me, m))
+            return None if g is None else bl.encode(g)
+
+        if self.shared is None:
+            data = compute()
+            return nd.AggregateDone(a.key, a.base if data is None else self.store.put(data))
+        # co-located agents: one of them aggregates these inputs, the others take its result
+        key = sha256_hex(canonical_bytes({"arch": self.arch, "hp": self.genesis.hp, "inputs": [list(i) for i in a.inputs]}))
+        g_hash = self.shared.once(key, compute)
+        if g_hash is None:
             return nd.AggregateDone(a.key, a.base)
-        return nd.AggregateDone(a.key, self.store.put(bl.encode(g)))
+        data = self.shared.blobs.get(g_hash)
+        if data is None:
+            raise RuntimeError(f"shared aggregate {g_hash[:12]} unreadable")
+        return nd.AggregateDone(a.key, self.store.put(data))

@@ -178,6 +178,7 @@ class LocalAgents:
                 "--operator-key", operator_pub, "--workdir", str(workdir),
                 "--run", run_id, "--exit-after-run", "--threads", str(cfg.threads),
                 "--trainer", trainer, "--train-device", cfg.train_device,
+                "--shared-cache", str(self.out / "agents" / "shared"),
             ]  # fmt: skip
             if cfg.data_dir:
                 cmd += ["--data-dir", str(cfg.data_dir)]
@@ -215,6 +216,7 @@ class LocalAgents:
                         kept += 1
                 removed += 1
             shutil.rmtree(src)
+        shutil.rmtree(self.out / "agents" / "shared", ignore_errors=True)  # what they hard-linked from
         return kept, removed
 
     def stop(self, grace: float = 20.0) -> None:

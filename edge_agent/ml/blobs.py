@@ -95,10 +95,13 @@ class BlobStore:
     Reads verify the content hash and treat a mismatching file as absent.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, shared: BlobStore | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # co-located agents of one `bfl run` (compute.SharedCache): a blob is written once
+        # per host and hard-linked into each agent's store
+        self.shared = shared
 
     def path(self, h: str) -> Path:
         return blob_path(self.root, h)
@@ -115,6 +118,15 @@ class BlobStore:
             if final.is_file():
                 return h
             final.parent.mkdir(parents=True, exist_ok=True)
+            if self.shared is not None:
+                self.shared.put(data)
+                try:
+                    os.link(self.shared.path(h), final)
+                    return h
+                except FileExistsError:
+                    return h
+                except OSError:  # another file system: write our own copy
+                    pass
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=final.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
