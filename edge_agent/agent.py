@@ -259,7 +259,8 @@ class Agent:
         run = genesis.run
         # subscribe first: what peers publish while we load data is queued, not lost
         self.mqtt.subscribe(
-            *(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "chain", "head", "evidence"))
+            *(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "head", "evidence")),
+            f"{PREFIX}/{run}/chain/+/{self.me}",  # pull answers: only those addressed to us
         )
         self.store = ChainStore(self.workdir / "runs", genesis.run)
         resumed = self.store.load_genesis() is not None  # joined this run before: a restart

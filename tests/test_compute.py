@@ -202,3 +202,33 @@ def test_a_run_trains_under_the_host_budget_and_agents_never_load_torch(tmp_path
     assert len(jobs) == 2 * (4 + 1)  # 4 workers and 1 validator's trained reference a round
     assert overlap(jobs) == 1
     assert max(waits) > 0
+
+
+def test_co_located_agents_aggregate_once_and_store_blobs_once(tmp_path):
+    """SharedCache: four agents asking at once for the same aggregate run it once (the others
+    wait and take its result); blobs put through a shared store are one file, hard-linked."""
+    from edge_agent.compute import SharedCache
+    from edge_agent.ml.blobs import BlobStore
+
+    shared = SharedCache(tmp_path / "shared")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        time.sleep(0.3)
+        return b"the aggregate"
+
+    results = []
+    ths = [threading.Thread(target=lambda: results.append(shared.once("k1", compute))) for _ in range(4)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert len(calls) == 1 and len(set(results)) == 1
+    assert shared.blobs.get(results[0]) == b"the aggregate"
+    assert shared.once("k2", lambda: None) is None and shared.once("k2", compute) is None  # 'no update': kept
+    stores = [BlobStore(tmp_path / f"a{i}", shared=shared.blobs) for i in range(3)]
+    h = [s.put(b"x" * 1000) for s in stores][0]
+    assert os.stat(stores[0].path(h)).st_nlink == 4  # the shared file and three links
+    assert all(s.get(h) == b"x" * 1000 for s in stores)
+    assert stores[0].delete(h) and stores[1].get(h) == b"x" * 1000  # one agent's deletion is its own

@@ -14,6 +14,7 @@ from .ledger import (
 from .messages import MAX_JSON_BYTES, Drop, Envelope, check_signature, from_json, sign, topic, valid_hash
 from .round import (
     PULL_BATCH,
+    PULL_GRACE_S,
     REORG_DEPTH,
     SYNC_GIVEUP_S,
     SYNC_RETRY_S,
@@ -127,17 +128,24 @@ class ChainSync:
         for d in [d for d in self.peer_heights if d not in claims]:
             self.peer_heights.pop(d)
             self.claim_since.pop(d, None)
-        for d in [d for d in claims if now - self.claim_since.get(d, now) > SYNC_GIVEUP_S]:
+            self.asked_at.pop(d, None)
+        # (measured from our first pull to that peer: time spent before asking is not its fault)
+        for d in [d for d in claims if now - self.asked_at.get(d, now) > SYNC_GIVEUP_S]:
             claimed = claims.pop(d)
             log.warning("%s: %s claimed height %d but sent no block; ignoring its claims below it", self.me, d, claimed)
             self.peer_heights.pop(d)
             self.claim_since.pop(d, None)
+            self.asked_at.pop(d, None)
             self.distrusted[d] = claimed
             self._count("bad_claim")
+        # a claim younger than PULL_GRACE_S is most likely a head that overtook its block (a
+        # head is small, a block is not): pulling then sends a block every peer is receiving
+        claims = {d: h for d, h in claims.items() if now - self.claim_since.get(d, now) >= PULL_GRACE_S}
         if not claims or now < self.next_pull:
             return []
         self.next_pull = now + SYNC_RETRY_S
         self.sync_target = max(sorted(claims), key=lambda d: claims[d])
+        self.asked_at.setdefault(self.sync_target, now)
         log.info("%s: behind at height %d; pulling blocks from %s", self.me, self.state.height, self.sync_target)
         h = self.state.height + 1
         if self.pull_from is not None and self.pull_from > self.state.height - REORG_DEPTH:
@@ -221,7 +229,7 @@ class ChainSync:
         if held:
             body = {"run": self.run, "kind": "chain", "round": ctx.round, "sender": self.me, "to": env.sender,
                     "blocks": [], "txs": [t.to_json() for t in held]}  # fmt: skip
-            acts.append(Publish(topic(self.run, "chain", self.me), sign(self.key, body).payload()))
+            acts.append(Publish(topic(self.run, "chain", self.me, env.sender), sign(self.key, body).payload()))
         start = b.get("from_height")
         if targeted and isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= len(self.chain):
             body = {"run": self.run, "kind": "chain", "round": start, "sender": self.me, "to": env.sender, "blocks": []}
@@ -233,7 +241,7 @@ class ChainSync:
                     break
                 body["blocks"].append(blk.to_json())
                 size += cost
-            acts.append(Publish(topic(self.run, "chain", self.me), sign(self.key, body).payload()))
+            acts.append(Publish(topic(self.run, "chain", self.me, env.sender), sign(self.key, body).payload()))
         return acts
 
     def _on_chain(self, env: Envelope, now: float) -> list:
@@ -275,4 +283,6 @@ class ChainSync:
                     self.pull_from = self.state.height
         if got and env.sender in self.claim_since:
             self.claim_since[env.sender] = now  # the claimer delivers: keep its claim alive
+            if env.sender in self.asked_at:
+                self.asked_at[env.sender] = now
         return acts

@@ -263,4 +263,6 @@ def parse_topic(name: str) -> Topic:
         return Topic(run, kind, parts[4])
     if kind == "blob" and len(parts) == 6 and valid_id(parts[4]) and valid_hash(parts[5]):
         return Topic(run, kind, parts[4], parts[5])
+    if kind == "chain" and len(parts) == 6 and valid_id(parts[4]) and valid_id(parts[5]):
+        return Topic(run, kind, parts[4], parts[5])  # an answer to one device: bfl/v1/<run>/chain/<from>/<to>
     raise Drop("bad_topic", name)

@@ -153,6 +153,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         # chain sync: peers' head claims are hints
         self.peer_heights: dict[str, int] = {}
         self.claim_since: dict[str, float] = {}
+        self.asked_at: dict[str, float] = {}  # claimer -> when we first pulled from it for its claim
         self.distrusted: dict[str, int] = {}  # peer -> the height it claimed and did not deliver
         self.sync_target: str | None = None
         self.next_pull = 0.0

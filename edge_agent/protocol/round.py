@@ -21,6 +21,7 @@ __all__ = [
     "FUTURE_LIMIT",
     "SYNC_RETRY_S",
     "SYNC_GIVEUP_S",
+    "PULL_GRACE_S",
     "WTX_PULL_S",
     "PULL_BATCH",
     "REORG_DEPTH",
@@ -58,6 +59,7 @@ __all__ = [
 FUTURE_ROUNDS = 2  # messages for up to this many rounds ahead are buffered
 FUTURE_LIMIT = 2000  # per round
 SYNC_RETRY_S = 3.0
+PULL_GRACE_S = 1.0  # a peer's head claim is pulled on only once it is this old (see _sync_step)
 SYNC_GIVEUP_S = 9.0  # a peer whose claimed blocks do not come in this time loses its claim
 WTX_PULL_S = 5.0  # after the first worker tx of a round, ask for the missing ones this often
 PULL_BATCH = 8  # blocks per catch-up answer
