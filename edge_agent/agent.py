@@ -18,7 +18,7 @@ from .compute import ComputeError, SharedCache, Trainer, ensure_service
 from .metrics import stop_serving, topic_kind
 from .ml.blobs import BlobStore
 from .protocol import node as nd
-from .protocol.crypto import KeyPair
+from .protocol.crypto import KeyPair, sha256_hex
 from .protocol.genesis import CAPABILITIES, Genesis, load_genesis
 from .protocol.messages import (
     PREFIX,
@@ -77,6 +77,7 @@ class Agent:
         trainer: str | None = None,
         train_device: str = "auto",
         shared_cache: str | Path | None = None,
+        blob_group: str | None = None,
     ):
         self.me = device_id
         self.key = key
@@ -90,6 +91,9 @@ class Agent:
         self.trainer = Trainer(trainer, train_device)
         assert all(c in CAPABILITIES for c in self.caps)
         self.shared = SharedCache(shared_cache) if shared_cache else None
+        if blob_group and self.shared is None:
+            raise ValueError("--blob-group needs --shared-cache (where the group's blobs are put)")
+        self.blob_group = blob_group
         self.blobs = BlobStore(self.workdir / "blobs", shared=self.shared.blobs if self.shared else None)
         offline = self._signed_status("offline")
         self.metrics = None
@@ -207,9 +211,19 @@ class Agent:
             if self.stopped:
                 return
         if self.node is not None:
+            if self.blob_group:
+                self._blobs_from_host()
             self._execute(self._core(self.node.tick))
         if self.metrics is not None:
             self.metrics.drops(self.drops, source="agent")
+
+    def _blobs_from_host(self) -> None:
+        """With a shared blob subscription the broker hands each blob to one agent of this
+        host, which puts it in the shared store: take from there the ones our node wants."""
+        for h in sorted(self.node.missing_blobs()):
+            data = self.shared.blobs.get(h)  # (verified against its hash)
+            if data is not None:
+                self._execute(self._core(self.node.handle, nd.Received(topic(self.node.run, "blob", self.me, h), data)))
 
     def _core(self, step, *args) -> list:
         t0 = time.thread_time()
@@ -226,6 +240,9 @@ class Agent:
             elif tp.kind == "cmd":
                 self._on_cmd(msg)
             elif self.node is not None and tp.run == self.node.run:
+                if self.blob_group and tp.kind == "blob" and sha256_hex(msg.payload) == tp.extra:
+                    if len(msg.payload) <= self.node.max_blob_bytes:
+                        self.shared.blobs.put(msg.payload)  # for the other agents of this host
                 self._execute(self._core(self.node.handle, nd.Received(msg.topic, msg.payload)))
             else:
                 raise Drop("wrong_run", msg.topic)
@@ -259,7 +276,9 @@ class Agent:
         run = genesis.run
         # subscribe first: what peers publish while we load data is queued, not lost
         self.mqtt.subscribe(
-            *(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "blob", "sync", "head", "evidence")),
+            *(f"{PREFIX}/{run}/{k}/#" for k in ("wtx", "vtx", "block", "sync", "head", "evidence")),
+            # blobs: to one agent per host when co-located agents share a store (--blob-group)
+            f"$share/{self.blob_group}/{PREFIX}/{run}/blob/#" if self.blob_group else f"{PREFIX}/{run}/blob/#",
             f"{PREFIX}/{run}/chain/+/{self.me}",  # pull answers: only those addressed to us
         )
         self.store = ChainStore(self.workdir / "runs", genesis.run)

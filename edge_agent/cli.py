@@ -93,6 +93,12 @@ def run(
         envvar="BFL_SHARED_CACHE",
         help="Co-located agents of one operator: share stored blobs and aggregates in DIR (bfl run sets it).",
     ),
+    blob_group: Optional[str] = typer.Option(
+        None,
+        envvar="BFL_BLOB_GROUP",
+        help="With --shared-cache on Mosquitto: receive model blobs through the shared subscription "
+        "$share/NAME/..., once per host instead of once per agent (bfl run sets it).",
+    ),
     log_level: str = typer.Option("INFO", envvar="BFL_LOG_LEVEL"),
 ):
     """Connect to the broker, announce this device, and take part in runs it is admitted to."""
@@ -121,6 +127,8 @@ def run(
     capabilities = [c for c in caps.split(",") if c] if caps else None
     if capabilities is not None and (not capabilities or any(c not in CAPABILITIES for c in capabilities)):
         fail(f"--caps {caps!r}: a comma-separated subset of {','.join(CAPABILITIES)}")
+    if blob_group is not None and (not valid_id(blob_group) or shared_cache is None):
+        fail(f"--blob-group {blob_group!r}: letters, digits, '-', '_' or '.', and it needs --shared-cache")
     if train_device not in TRAIN_DEVICES:
         fail(f"--train-device {train_device!r}: one of {', '.join(TRAIN_DEVICES)}")
     password = password_file.read_text().strip() if password_file else None
@@ -149,6 +157,7 @@ def run(
             trainer=trainer,
             train_device=train_device,
             shared_cache=shared_cache,
+            blob_group=blob_group,
         )
         logging.getLogger("bfl.agent").info("%s: key fingerprint %s", device_id, fingerprint(key.public_hex))
         # SIGTERM (systemd, podman stop, Kubernetes; PID 1 in a container ignores it otherwise)

@@ -166,6 +166,7 @@ class LocalAgents:
         keys: dict[str, Path],
         run_id: str,
         metrics_ports: dict[str, int] | None = None,
+        broker_kind: str = "",
     ) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), PYTHONUNBUFFERED="1")
         trainer = self.start_trainer(cfg)
@@ -180,6 +181,8 @@ class LocalAgents:
                 "--trainer", trainer, "--train-device", cfg.train_device,
                 "--shared-cache", str(self.out / "agents" / "shared"),
             ]  # fmt: skip
+            if broker_kind == "mosquitto":  # (amqtt has no shared subscriptions)
+                cmd += ["--blob-group", f"host-{run_id}"]
             if cfg.data_dir:
                 cmd += ["--data-dir", str(cfg.data_dir)]
             if metrics_ports:
@@ -423,7 +426,8 @@ class Experiment:
                     self.targets_file = write_targets(cfg.metrics_targets, self.run_id, self.metrics_targets)
                 except OSError as exc:
                     raise ExperimentError(f"--metrics-targets {cfg.metrics_targets}: cannot write there ({exc.strerror})") from None
-            self.agents.start(cfg, self.broker_url, self.operator.public_hex, keys, self.run_id, ports)
+            self.agents.start(cfg, self.broker_url, self.operator.public_hex, keys, self.run_id, ports,
+                              self.broker_kind if self.broker else "")  # fmt: skip
             self.log(f"started {len(keys)} local agents (logs in {self.out / 'agents'})")
         end = time.monotonic() + cfg.join_timeout
         while True:

@@ -166,7 +166,10 @@ class ChainSync:
         publish them again: a message can be lost, or this device restarted mid-round."""
         ctx = self.ctx
         assert ctx is not None
-        ctx.wtx_pull_at = now + WTX_PULL_S
+        # doubling: a lost message is found within seconds, while N devices waiting for
+        # workers that are still training ask O(log T) times a round, not T / WTX_PULL_S
+        ctx.wtx_pulls += 1
+        ctx.wtx_pull_at = now + WTX_PULL_S * 2 ** min(ctx.wtx_pulls, 6)
         missing = sorted(set(ctx.roles.workers) - ctx.workers_in())
         vtx_of = sorted(set(ctx.roles.validators) - set(ctx.vtxs)) if ctx.roles.is_miner(self.me) else []
         # a blob whose tx came less than WTX_PULL_S ago is still in flight (a model is

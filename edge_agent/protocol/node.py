@@ -436,6 +436,11 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             acts.append(Score(ctx.round, blob_hash))
         return acts
 
+    def missing_blobs(self) -> set[str]:
+        """Blobs this node needs and does not hold (the shell may find them in a store it
+        shares with co-located agents, agent.py)."""
+        return self._wanted() - self.blobs
+
     def _wanted(self) -> set[str]:
         """Blobs named by this round's worker txs or by candidate blocks we may check."""
         ctx = self.ctx

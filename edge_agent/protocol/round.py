@@ -261,6 +261,7 @@ class RoundCtx:
     check_tries: int = 0  # blob requests for the candidate being checked
     waiting_logged: bool = False
     wtx_pull_at: float = 0.0  # when to ask missing workers to re-publish (0: not yet due)
+    wtx_pulls: int = 0  # asked so many times this round (the interval doubles)
     all_wtx_at: float = 0.0  # when every worker's tx had arrived
     wtx_at: dict[str, float] = field(default_factory=dict)  # model -> when the tx naming it came
     asked: set[str] = field(default_factory=set)  # worker tx ids a miner asked validators for
