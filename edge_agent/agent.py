@@ -91,6 +91,10 @@ class Agent:
         self.trainer = Trainer(trainer, train_device)
         assert all(c in CAPABILITIES for c in self.caps)
         self.shared = SharedCache(shared_cache) if shared_cache else None
+        if self.shared is not None:
+            from .ml.data import set_array_cache
+
+            set_array_cache(self.shared.root / "datasets")
         if blob_group and self.shared is None:
             raise ValueError("--blob-group needs --shared-cache (where the group's blobs are put)")
         self.blob_group = blob_group

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import math
 import os
 import zlib
@@ -185,10 +186,39 @@ def _load_idx(path: Path, images: bool, name: str) -> np.ndarray:
         ) from None
 
 
+# Co-located agents (compute.SharedCache): parsed arrays are written once as .npy files and
+# memory-mapped, so a host's agents share one copy in the page cache instead of each
+# decompressing and parsing the whole dataset at once (100 agents: about 10 GB at join).
+_ARRAY_CACHE: Path | None = None
+
+
+def set_array_cache(directory: str | Path | None) -> None:
+    global _ARRAY_CACHE
+    _ARRAY_CACHE = Path(directory) if directory else None
+
+
+def _load_array(path: Path, images: bool, name: str, size: int, mtime: int) -> np.ndarray:
+    if _ARRAY_CACHE is None:
+        return _load_idx(path, images, name)
+    digest = hashlib.sha256(f"{path}|{size}|{mtime}".encode()).hexdigest()[:16]
+    cached = _ARRAY_CACHE / f"{name}-{path.name}-{digest}.npy"
+    try:
+        return np.load(cached, mmap_mode="r")
+    except (OSError, ValueError):
+        pass
+    arr = _load_idx(path, images, name)
+    _ARRAY_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.part")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, cached)
+    return arr
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, files: tuple[tuple[str, str, int, int], ...]) -> Dataset:
     # `files` holds (key, resolved path, size, mtime_ns): a changed file is re-read.
-    arrays = {key: _load_idx(Path(p), key.endswith("_x"), name) for key, p, _, _ in files}
+    arrays = {key: _load_array(Path(p), key.endswith("_x"), name, size, mtime) for key, p, size, mtime in files}
     for split in ("train", "test"):
         nx, ny = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
         if nx != ny:
