@@ -225,9 +225,9 @@ class Agent:
         """With a shared blob subscription the broker hands each blob to one agent of this
         host, which puts it in the shared store: take from there the ones our node wants."""
         for h in sorted(self.node.missing_blobs()):
-            data = self.shared.blobs.get(h)  # (verified against its hash)
+            data = self.shared.arrived.get(h)  # (verified against its hash)
             if data is not None:
-                self._execute(self._core(self.node.handle, nd.Received(topic(self.node.run, "blob", self.me, h), data)))
+                self._execute(self._core(self.node.handle, nd.HostBlob(h, data)))
 
     def _core(self, step, *args) -> list:
         t0 = time.thread_time()
@@ -246,7 +246,7 @@ class Agent:
             elif self.node is not None and tp.run == self.node.run:
                 if self.blob_group and tp.kind == "blob" and sha256_hex(msg.payload) == tp.extra:
                     if len(msg.payload) <= self.node.max_blob_bytes:
-                        self.shared.blobs.put(msg.payload)  # for the other agents of this host
+                        self.shared.arrived.put(msg.payload)  # for the other agents of this host
                 self._execute(self._core(self.node.handle, nd.Received(msg.topic, msg.payload)))
             else:
                 raise Drop("wrong_run", msg.topic)

@@ -414,7 +414,10 @@ class SharedCache:
         from .ml.blobs import BlobStore
 
         self.root = Path(root)
-        self.blobs = BlobStore(self.root / "blobs")
+        self.blobs = BlobStore(self.root / "blobs")  # what agents stored (hard-linked from)
+        # what the broker delivered to this host's blob group (--blob-group): only these are
+        # handed to the other agents -- a blob an agent made but never sent is not "arrived"
+        self.arrived = BlobStore(self.root / "arrived", shared=self.blobs)
         (self.root / "agg").mkdir(parents=True, exist_ok=True)
 
     def once(self, key: str, compute) -> str | None:

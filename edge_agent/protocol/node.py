@@ -67,6 +67,7 @@ from .round import (
     DeleteBlob,
     Dropped,
     EvaluateGlobal,
+    HostBlob,
     Score,
     EvaluationDone,
     Finished,
@@ -189,6 +190,9 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             acts = self._report(event)
         elif isinstance(event, TaskFailed):
             acts = self._task_failed(event, now)
+        elif isinstance(event, HostBlob):
+            ok = event.hash in self.missing_blobs() and sha256_hex(event.data) == event.hash
+            acts = self._accept_blob(event.hash, event.data) if ok else []
         else:
             raise TypeError(f"unknown event {event!r}")
         return self._flush(acts + self._advance(now))

@@ -29,6 +29,7 @@ __all__ = [
     "CHECK_TRIES",
     "BLOB_GRACE_MIN_S",
     "Received",
+    "HostBlob",
     "TrainingDone",
     "TaskFailed",
     "EvaluationDone",
@@ -73,6 +74,15 @@ CHECK_TRIES = 10  # blob requests for one candidate before it is taken as unavai
 class Received:
     topic: str
     payload: bytes
+
+
+@dataclass(frozen=True)
+class HostBlob:
+    """A blob the node wants, found by the shell in the store it shares with co-located
+    agents (``missing_blobs``; agent.py): taken when it is wanted and matches its hash."""
+
+    hash: str
+    data: bytes
 
 
 @dataclass(frozen=True)
