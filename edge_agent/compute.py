@@ -228,7 +228,6 @@ class Trainer:
 class _Worker:
     proc: subprocess.Popen
     device: str
-    busy: bool = False
 
 
 @dataclass

@@ -218,9 +218,9 @@ class ChainSync:
         acts: list = []
         ctx = self.ctx
         current = ctx is not None and env.round == ctx.round
-        for mine, asked in ((self.my_wtx, wtx_of), (self.my_vtx, vtx_of)):
-            if mine is self.my_wtx and now - self.my_wtx_at < WTX_PULL_S:
-                continue  # published just now: the request crossed it in flight
+        # (a worker tx published under WTX_PULL_S ago is in flight: the request crossed it)
+        fresh_wtx = now - self.my_wtx_at < WTX_PULL_S
+        for mine, asked in ((None if fresh_wtx else self.my_wtx, wtx_of), (self.my_vtx, vtx_of)):
             if self.me in asked and mine is not None and current and mine.round == ctx.round:
                 # our tx was missed: publish it again (receivers dedupe by id)
                 acts.append(Publish(topic(self.run, mine.kind, self.me), mine.payload()))
