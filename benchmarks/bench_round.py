@@ -4,6 +4,7 @@
    samples, batch B) spread over as many single-thread processes as the host's budget has
    slots (one per core), no protocol, no broker.
 2. A real ``bfl run`` of the same setting (agents, trainer service, broker), ``--rounds R``.
+3. The floor again: the ratio is taken against the mean of both floors.
 
 It prints each round's time and its ratio to the floor, the round's critical path by phase
 (from the devices' reports: when each entered each step), the CPU each kind of task took
@@ -116,7 +117,8 @@ def tree_pss_kb(root: int, cpu: dict | None = None) -> tuple[int, int, dict[str,
         except (OSError, StopIteration, IndexError, ValueError):
             continue
         kind = (
-            "trainer worker" if "trainer_worker" in cmd
+            "agent fork server" if "multiprocessing.forkserver" in cmd
+            else "trainer worker" if "trainer_worker" in cmd
             else "trainer service" if "edge_agent.cli trainer" in cmd
             else "agent" if "edge_agent.cli run" in cmd
             else "broker" if "mosquitto" in cmd
@@ -240,13 +242,18 @@ def main() -> int:
     print(f"# setting: {args.devices} devices, roles {args.roles}, {args.model}, {args.samples} samples/device, "
           f"{args.epochs} local epochs, batch {args.batch}, {args.malicious} malicious; {slots} training slot(s)")  # fmt: skip
     figures: dict = {"slots": slots}
-    if not args.skip_floor:
-        device = "cpu" if args.train_device == "auto" else args.train_device
+    device = "cpu" if args.train_device == "auto" else args.train_device
+    steps = workers * args.epochs * -(-args.samples // args.batch)
+
+    def measure_floor(when: str) -> float:
         f = floor(args.model, workers, slots, args.samples, args.epochs, args.batch, device)
-        steps = workers * args.epochs * -(-args.samples // args.batch)
-        print(f"floor: {workers} training jobs in {slots} single-thread process(es): {f:.1f} s "
+        print(f"floor ({when} the run): {workers} training jobs in {slots} single-thread process(es): {f:.1f} s "
               f"({f * 1000 * slots / steps:.2f} ms per step per slot)")  # fmt: skip
-        figures["floor_s"] = f
+        return f
+
+    # the floor is measured before and after the run and the ratio taken against their mean:
+    # on a shared machine one floor alone can be 10 % off the other
+    floors = [] if args.skip_floor else [measure_floor("before")]
 
     out = args.out or Path(tempfile.mkdtemp(prefix="bench-round-"))
     cmd = [
@@ -269,6 +276,11 @@ def main() -> int:
     total = time.monotonic() - t0
     if proc.returncode != 0:
         return proc.returncode
+    if floors:
+        floors.append(measure_floor("after"))
+        figures["floors_s"] = floors
+        figures["floor_s"] = statistics.fmean(floors)
+        print(f"floor: {figures['floor_s']:.1f} s, the mean of {floors[0]:.1f} s before and {floors[1]:.1f} s after")
     s = json.loads((out / "summary.json").read_text())
     rounds = s["rounds"]
     print(f"\n{'round':>5} {'seconds':>8} {'x floor':>8} {'accuracy':>9}")
@@ -298,6 +310,12 @@ def main() -> int:
     for kind, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<40} {v:8.1f}")
     figures["cpu_by_process_kind"] = by_kind
+    if "floor_s" in figures and by_kind.get("trainer worker"):
+        work = by_kind["trainer worker"] / (slots * figures["floor_s"])
+        rest = sum(v for k, v in by_kind.items() if k != "trainer worker")
+        print(f"  training took {work:.2f} x the floor's CPU ({slots} x {figures['floor_s']:.1f} s); everything "
+              f"else {rest:.1f} CPU s")  # fmt: skip
+        figures["training_cpu_x_floor"] = work
     msgs = sum(v.get("rx_msgs", 0) for v in t)
     mb = sum(v.get("rx_bytes", 0) for v in t) / 1e6
     print(f"\nthe broker delivered to the devices in round {last['round']}: {msgs} messages, {mb:.0f} MB")

@@ -192,6 +192,8 @@ def trainer_service(
 
     if importlib.util.find_spec("torch") is None:
         fail("the trainer service needs torch: pip install -e '.[worker]'")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the workers' fork server
+        os.environ[var] = str(threads)
     svc = TrainerService(socket_path or default_socket(), slots or None, threads, idle_exit)
     signal.signal(signal.SIGTERM, lambda *_: svc.stopped.set())
     try:

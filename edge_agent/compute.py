@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import struct
 import subprocess
@@ -79,20 +80,31 @@ def write_frame(f, header: dict, parts: dict[str, bytes] | None = None) -> None:
         f.flush()
 
 
-def read_frame(f) -> tuple[dict, dict[str, bytes]]:
+def read_header(f) -> tuple[dict, list]:
+    """A frame's header and the list of its parts, which are still to be read
+    (:func:`read_parts`): the service reads a job's data only once a slot is free for it."""
     (n,) = struct.unpack(">I", _read_exact(f, 4))
     if n > MAX_HEADER:
         raise ValueError(f"frame header of {n} bytes")
     header = json.loads(_read_exact(f, n))
-    parts_spec = header.pop("parts", [])
-    if not isinstance(header, dict) or not isinstance(parts_spec, list):
+    if not isinstance(header, dict):
         raise ValueError("malformed frame header")
-    parts = {}
+    parts_spec = header.pop("parts", [])
+    if not isinstance(parts_spec, list) or not all(isinstance(p, list) and len(p) == 2 for p in parts_spec):
+        raise ValueError("malformed frame header")
     for name, size in parts_spec:
         if not isinstance(size, int) or not 0 <= size <= MAX_PART:
             raise ValueError(f"part {name!r} of {size} bytes")
-        parts[str(name)] = _read_exact(f, size)
-    return header, parts
+    return header, parts_spec
+
+
+def read_parts(f, parts_spec: list) -> dict[str, bytes]:
+    return {str(name): _read_exact(f, size) for name, size in parts_spec}
+
+
+def read_frame(f) -> tuple[dict, dict[str, bytes]]:
+    header, spec = read_header(f)
+    return header, read_parts(f, spec)
 
 
 def array_part(a: np.ndarray, dtype) -> tuple[dict, bytes]:
@@ -224,10 +236,41 @@ class Trainer:
 # -- the service --
 
 
+class _ClientGone(Exception):
+    """The agent went away before its job's data was read (the slot is given back)."""
+
+
 @dataclass
 class _Worker:
-    proc: subprocess.Popen
+    pid: int
+    sock: socket.socket  # the service's end of the worker's socket pair
     device: str
+    popen: subprocess.Popen | None = None  # the worker the service started (the others were forked by it)
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        try:
+            os.kill(self.pid, 0)  # (its parent reaps it: no zombie answers)
+            return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if self.popen is not None:
+            self.popen.wait()
+
+    def close(self, kill: bool = False) -> None:
+        self.sock.close()  # the worker exits at end of input
+        end = time.monotonic() + (0 if kill else 5)
+        while self.alive() and time.monotonic() < end:
+            time.sleep(0.05)
+        if self.alive():
+            self.kill()
 
 
 @dataclass
@@ -261,14 +304,29 @@ class TrainerService:
 
     # workers
 
-    def _spawn(self, device: str) -> _Worker:
-        cmd = [sys.executable, "-m", "edge_agent.ml.trainer_worker", "--device", device, "--threads", str(self.threads)]
+    def _spawn(self, device: str, n: int = 1) -> list[_Worker]:
+        """``n`` workers for ``device``: one process imports torch and forks the others, so
+        they share its pages (two CPU workers: about 300 MB less than two processes that
+        each import torch; docs/benchmarks.md, peak PSS by process kind)."""
+        pairs = [socket.socketpair() for _ in range(n)]
+        fds = [theirs.fileno() for _, theirs in pairs]
+        cmd = [sys.executable, "-m", "edge_agent.ml.trainer_worker", "--device", device, "--threads", str(self.threads),
+               "--fds", ",".join(map(str, fds)), "--service", str(self.path)]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        hello, _ = read_frame(proc.stdout)
-        if self.cuda is None:
-            self.cuda = bool(hello.get("cuda"))
-        return _Worker(proc, device)
+        proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL, env=env)
+        workers = []
+        for mine, theirs in pairs:
+            theirs.close()
+            try:
+                hello, _ = read_frame(mine)
+            except (OSError, EOFError, ValueError) as exc:
+                proc.kill()
+                raise ComputeError(f"a {device} training worker did not start: {exc}") from None
+            if self.cuda is None:
+                self.cuda = bool(hello.get("cuda"))
+            pid = int(hello["pid"])
+            workers.append(_Worker(pid, mine, device, proc if pid == proc.pid else None))
+        return workers
 
     def _pool(self, device: str) -> _Pool:
         with self.lock:
@@ -282,8 +340,7 @@ class TrainerService:
         pool = self.pools.get(device)
         if pool is None:
             pool = _Pool(device, self.slots if device == "cpu" else 1)
-            for _ in range(pool.size):
-                w = self._spawn(device)
+            for w in self._spawn(device, pool.size):
                 pool.workers.append(w)
                 pool.free.put(w)
             self.pools[device] = pool
@@ -346,8 +403,10 @@ class TrainerService:
                 if not first:
                     return  # a probe (``connectable``): connected and closed
                 job = True
-                header, parts = read_frame(conn)
-                reply, out = self.run_job(header, parts)
+                header, spec = read_header(conn)
+                # the job's data stays in the client's socket until a slot is free: 12 queued
+                # CNN jobs held 180 MB in this process when it read them on arrival
+                reply, out = self.run_job(header, lambda: read_parts(conn, spec))
                 write_frame(conn, reply, out)
         except Exception as exc:  # a broken client must not take the service down
             log.warning("trainer: connection failed: %s", exc)
@@ -357,7 +416,9 @@ class TrainerService:
                 if job:  # probes do not keep an idle service alive
                     self.last_activity = time.monotonic()
 
-    def run_job(self, header: dict, parts: dict[str, bytes]) -> tuple[dict, dict[str, bytes]]:
+    def run_job(self, header: dict, parts) -> tuple[dict, dict[str, bytes]]:
+        """Run one job; ``parts`` is its data or a function that reads it (called once the
+        job has its slot)."""
         device = header.get("device", "auto")
         if device not in TRAIN_DEVICES:
             return {"ok": False, "error": f"unknown device {device!r}"}, {}
@@ -372,12 +433,17 @@ class TrainerService:
             self.max_running = max(self.max_running, self.running)
         start = time.time()
         try:
-            write_frame(w.proc.stdin, header, parts)
-            reply, out = read_frame(w.proc.stdout)
+            try:
+                data = parts() if callable(parts) else parts
+            except (OSError, EOFError, ValueError) as exc:
+                raise _ClientGone(exc) from None
+            write_frame(w.sock, header, data)
+            del data
+            reply, out = read_frame(w.sock)
         except (OSError, EOFError, ValueError) as exc:
             log.error("trainer: a %s worker died (%s); starting another", pool.device, exc)
-            w.proc.kill()
-            old, w = w, self._spawn(pool.device)
+            w.close(kill=True)
+            old, [w] = w, self._spawn(pool.device)
             pool.workers[pool.workers.index(old)] = w
             reply, out = {"ok": False, "error": f"worker process died: {exc}"}, {}
         finally:
@@ -391,11 +457,7 @@ class TrainerService:
     def close(self) -> None:
         for pool in self.pools.values():
             for w in pool.workers:
-                try:
-                    w.proc.stdin.close()
-                    w.proc.wait(5)
-                except Exception:
-                    w.proc.kill()
+                w.close()
 
 
 # -- pure computations shared by co-located agents --

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -107,12 +108,13 @@ def choose_malicious(cfg: RunConfig, devices: list[str], trainers: list[str] | N
 
 def data_spec(cfg: RunConfig) -> dict:
     """Check the dataset is present and the partition fits; the spec goes into the genesis."""
-    from edge_agent.ml.data import DataMissingError, load_dataset
+    from edge_agent.ml.data import DataMissingError, load_dataset, release_datasets
 
     try:
         ds = load_dataset(cfg.dataset, cfg.data_dir)
     except DataMissingError as exc:
         raise ExperimentError(str(exc)) from None
+    release_datasets()  # only its sizes are needed here: the operator kept 110 MB for the whole run
     n = cfg.devices
     spd = cfg.samples_per_device or len(ds.train_y) // n
     tpd = cfg.test_per_device or min(500, len(ds.test_y) // n)  # 500 each for 20 devices, as in the design
@@ -133,12 +135,82 @@ def data_spec(cfg: RunConfig) -> dict:
     }
 
 
+def fork_server(preload: list[str]):
+    """A multiprocessing context whose processes are forked from one server process that
+    imported ``preload`` once, so they share those pages (what each would otherwise import
+    itself). A process has one fork server: if this one already runs with other modules,
+    the processes are spawned instead (correct, without the sharing)."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    running = getattr(server, "_forkserver_pid", None) is not None
+    if running and getattr(server, "_preload_modules", None) != preload:
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    return ctx
+
+
+def _agent_main(argv: list[str], log_path: str, env: dict[str, str]) -> None:
+    """``bfl-agent <argv>`` in a process forked from the agents' fork server: its output goes
+    to its own log and it is named as if started from the command line (ps, pkill -f)."""
+    import setproctitle
+
+    # (before the environment changes: setproctitle takes the space argv and environ share)
+    setproctitle.setproctitle(" ".join([sys.executable, "-m", "edge_agent.cli", *argv]))
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["bfl-agent", *argv]
+    from edge_agent.cli import main
+
+    main()
+
+
+class _ForkedAgent:
+    """The handle of a forked agent, with the part of ``subprocess.Popen``'s interface the
+    operator uses."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.exitcode
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired("bfl-agent", timeout)
+        return self.proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.exitcode is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
 class LocalAgents:
-    """N `bfl-agent` processes on this machine, one log file each."""
+    """N `bfl-agent` processes on this machine, one log file each, forked from one server
+    process that imported the agent's code once (``edge_agent/preload.py``)."""
 
     def __init__(self, out: Path):
         self.out = out
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | _ForkedAgent] = {}
         self.trainer: subprocess.Popen | None = None
         self.trainer_dir: Path | None = None
 
@@ -170,12 +242,15 @@ class LocalAgents:
     ) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), PYTHONUNBUFFERED="1")
         trainer = self.start_trainer(cfg)
+        # the fork server inherits this process's environment: one BLAS thread (agents
+        # average and score with numpy and ONNX Runtime on --threads threads)
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        forks = fork_server(["edge_agent.preload"])
         for dev, key_path in keys.items():
             workdir = self.out / "agents" / dev
             workdir.mkdir(parents=True, exist_ok=True)
             cmd = [
-                sys.executable, "-m", "edge_agent.cli", "run",
-                "--id", dev, "--key", str(key_path), "--broker", broker_url,
+                "run", "--id", dev, "--key", str(key_path), "--broker", broker_url,
                 "--operator-key", operator_pub, "--workdir", str(workdir),
                 "--run", run_id, "--exit-after-run", "--threads", str(cfg.threads),
                 "--trainer", trainer, "--train-device", cfg.train_device,
@@ -189,8 +264,9 @@ class LocalAgents:
                 # linger: Prometheus (2 s scrapes in monitoring/prometheus-local.yml) sees the end
                 cmd += ["--metrics-port", str(metrics_ports[dev]), "--metrics-addr", cfg.metrics_addr, "--metrics-linger", "5"]
             cmd += cfg.extra_agent_args
-            log = open(workdir / "agent.log", "ab")
-            self.procs[dev] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = forks.Process(target=_agent_main, args=(cmd, str(workdir / "agent.log"), env), name=dev, daemon=True)
+            proc.start()
+            self.procs[dev] = _ForkedAgent(proc)
 
     def dead(self) -> list[str]:
         return [d for d, p in self.procs.items() if p.poll() is not None and p.returncode != 0]

@@ -109,17 +109,19 @@ class BlobStore:
     def has(self, h: str) -> bool:
         return self.path(h).is_file()
 
-    def put(self, data: bytes) -> str:
-        """Store ``data`` and return its hash (idempotent)."""
+    def put(self, data: bytes, h: str | None = None) -> str:
+        """Store ``data`` and return its hash (idempotent). ``h``: its hash, when the caller
+        has just checked it (the protocol core checks every blob it accepts); a CNN blob
+        costs about 4 ms of SHA-256, and every agent stores every update."""
         data = bytes(data)
-        h = blob_hash(data)
+        h = h or blob_hash(data)
         final = self.path(h)
         with self._lock:
             if final.is_file():
                 return h
             final.parent.mkdir(parents=True, exist_ok=True)
             if self.shared is not None:
-                self.shared.put(data)
+                self.shared.put(data, h)
                 try:
                     os.link(self.shared.path(h), final)
                     return h
@@ -143,14 +145,15 @@ class BlobStore:
             _fsync_dir(final.parent)
         return h
 
-    def get(self, h: str) -> bytes | None:
-        """The blob with hash ``h``, or None if absent (or corrupt on disk)."""
+    def get(self, h: str, verify: bool = True) -> bytes | None:
+        """The blob with hash ``h``, or None if absent (or corrupt on disk). ``verify=False``
+        only where the bytes are checked right after (the core's rule for host blobs)."""
         p = self.path(h)
         try:
             data = p.read_bytes()
         except FileNotFoundError:
             return None
-        if blob_hash(data) != h:
+        if verify and blob_hash(data) != h:
             return None
         return data
 

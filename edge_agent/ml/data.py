@@ -20,6 +20,7 @@ the full partition from the same spec obtains the same slices.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -206,13 +207,22 @@ def _load_array(path: Path, images: bool, name: str, size: int, mtime: int) -> n
         return np.load(cached, mmap_mode="r")
     except (OSError, ValueError):
         pass
-    arr = _load_idx(path, images, name)
     _ARRAY_CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.part")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, cached)
-    return arr
+    # one agent parses while the others wait for its file: 20 agents joining at once each
+    # decompressed and parsed the whole set (about 100 MB each, the testbed's peak)
+    with open(cached.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return np.load(cached, mmap_mode="r")
+        except (OSError, ValueError):
+            pass
+        arr = _load_idx(path, images, name)
+        tmp = cached.with_suffix(f".{os.getpid()}.part")
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, cached)
+    del arr
+    return np.load(cached, mmap_mode="r")  # the page cache's copy, shared with the others
 
 
 @functools.lru_cache(maxsize=8)

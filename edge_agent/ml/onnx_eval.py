@@ -18,10 +18,11 @@ import numpy as np
 from .arch import check_params, param_shapes
 
 __all__ = ["Evaluator", "build_graph", "export_onnx", "OPSET", "IR_VERSION"]
-# Images per inference call: 50 keeps ONNX Runtime's arena for the CNN near 20 MB per process
-# (500 at once grows it by 200 MB, in every agent of a host) and is no slower: 124 ms against
-# 135 ms for 500 test images on one thread (python benchmarks/bench_eval_batch.py, 2026-12-05).
-EVAL_BATCH = 50
+# Images per inference call: 25 keeps ONNX Runtime's arena for the CNN near 11 MB per process
+# (500 at once grows it by 200 MB, in every agent of a host) and is no slower: 141-146 ms
+# against 147-149 ms at 50 and 150-158 ms at 10, for 500 test images on one thread
+# (python benchmarks/bench_eval_batch.py --batches 50,25,10, 2026-12-05).
+EVAL_BATCH = 25
 
 OPSET = 17
 IR_VERSION = 8  # the IR version introduced with opset 17; widely supported by onnxruntime

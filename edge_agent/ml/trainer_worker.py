@@ -1,7 +1,10 @@
-"""One slot of the host's compute budget: a process that imports torch once and runs the
-training jobs the trainer service (``edge_agent/compute.py``) hands it, one at a time.
+"""The host's training slots: processes that hold torch and run the training jobs the
+trainer service (``edge_agent/compute.py``) hands them, one at a time each.
 
-Reads frames from stdin, writes frames to stdout (the framing of ``compute.py``). Jobs:
+The service starts one process per device kind with one socket per slot
+(``--fds``): it imports torch once, then forks a sibling for every further slot, so the
+slots share the pages of that import. Each serves its socket: reads frames, writes the
+replies back (the framing of ``compute.py``). Jobs:
 
 - ``train``: ``train_local`` (FedAvg's ClientUpdate) for ``epochs`` epochs;
 - ``pfedme``: pFedMe's client update (``train_pfedme``), returning w and the personal theta.
@@ -13,16 +16,22 @@ seed (the parameters go back in the blob format, bit for bit).
 from __future__ import annotations
 
 import argparse
-import sys
+import gc
+import os
+import signal
+import socket
 import time
+
+import numpy as np
+import torch
 
 from edge_agent.compute import part_array, read_frame, write_frame
 from edge_agent.ml import blobs as bl
+from edge_agent.ml.arch import ARCHS, init_params
+from edge_agent.ml.train import train_local, train_pfedme
 
 
 def _run(job: dict, parts: dict[str, bytes], device: str, threads: int) -> tuple[dict, dict[str, bytes]]:
-    from edge_agent.ml.train import train_local, train_pfedme
-
     arch = job["arch"]
     base = bl.decode(parts["params"], arch, finite=False)
     x = part_array(job["x"], parts["x"])
@@ -41,38 +50,54 @@ def _run(job: dict, parts: dict[str, bytes], device: str, threads: int) -> tuple
     return {"ok": False, "error": f"unknown op {job.get('op')!r}"}, {}
 
 
+def serve(sock: socket.socket, device: str = "cpu", threads: int = 1) -> None:
+    """Warm up, say hello, then run jobs until the service closes its end."""
+    torch.set_num_threads(threads)
+    # warm up (the first step of each architecture in a process costs about a second)
+    x, y = np.zeros((10, 1, 28, 28), np.float32), np.zeros(10, np.int64)
+    for a in ARCHS:
+        train_local(a, init_params(a, 0), x, y, epochs=1, batch_size=10, lr=0.0, seed=0, threads=threads, device=device)
+    write_frame(sock, {"ready": True, "pid": os.getpid(), "cuda": torch.cuda.is_available(), "torch": torch.__version__})
+    with sock:
+        while True:
+            try:
+                job, parts = read_frame(sock)
+            except (EOFError, OSError):
+                return
+            t0 = time.perf_counter()
+            try:
+                reply, res = _run(job, parts, device, threads)
+            except Exception as exc:  # reported to the agent, which reports a failed task
+                reply, res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, {}
+            del parts
+            reply["compute_ms"] = int((time.perf_counter() - t0) * 1000)
+            write_frame(sock, reply, res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fds", required=True, help="one socket per slot, inherited from the service")
+    ap.add_argument("--service", default="", help="the service's socket (names the process in ps)")
     args = ap.parse_args()
-    import torch
-
-    import numpy as np
-
-    from edge_agent.ml.arch import ARCHS, init_params
-    from edge_agent.ml.train import train_local
-
-    torch.set_num_threads(args.threads)
-    # warm up (the first step of each architecture in a process costs about a second)
-    x, y = np.zeros((10, 1, 28, 28), np.float32), np.zeros(10, np.int64)
-    for a in ARCHS:
-        train_local(a, init_params(a, 0), x, y, epochs=1, batch_size=10, lr=0.0, seed=0, threads=args.threads, device=args.device)
-    cuda = torch.cuda.is_available()
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    write_frame(out, {"ready": True, "cuda": cuda, "torch": torch.__version__})
-    while True:
-        try:
-            job, parts = read_frame(inp)
-        except EOFError:
-            return
-        t0 = time.perf_counter()
-        try:
-            reply, res = _run(job, parts, args.device, args.threads)
-        except Exception as exc:  # reported to the agent, which reports a failed task
-            reply, res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, {}
-        reply["compute_ms"] = int((time.perf_counter() - t0) * 1000)
-        write_frame(out, reply, res)
+    socks = [socket.socket(fileno=int(fd)) for fd in args.fds.split(",")]
+    # the collector leaves what the imports created alone, so the forked slots keep sharing
+    # those pages instead of each writing its own copy
+    gc.freeze()
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the forked slots are reaped by the kernel
+    for i, s in enumerate(socks[1:], 1):
+        if os.fork() == 0:
+            for j, other in enumerate(socks):
+                if j != i:
+                    other.close()
+            try:
+                serve(s, args.device, args.threads)
+            finally:
+                os._exit(0)
+    for other in socks[1:]:
+        other.close()
+    serve(socks[0], args.device, args.threads)
 
 
 if __name__ == "__main__":
