@@ -4,9 +4,11 @@ Algorithm 1, role assignment, fork choice, process_block and whole rounds on Sim
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.protocol import ledger, rewards, roles, voting
-from edge_agent.protocol.canonical import CanonicalError, canonical_bytes, parse
+from edge_agent.protocol.canonical import CanonicalError, canonical_bytes, canonical_bytes_checked, parse
 from edge_agent.protocol.crypto import KeyPair
 from edge_agent.protocol.messages import Drop, check_signature, decode, from_json, sign, topic
 from edge_agent.protocol.node import Received
@@ -37,6 +39,31 @@ def test_canonical_escapes_and_whitespace():
 def test_canonical_refuses_floats_and_unsafe_values(bad):
     with pytest.raises(CanonicalError):
         canonical_bytes(bad)
+
+
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=8)  # every code point but surrogates
+_signed_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | _text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_signed_values)
+def test_the_fast_encoder_writes_the_canonical_bytes(value):
+    """canonical_bytes_checked (json.dumps) and the checking RFC 8785 encoder agree on every
+    value a signed body may hold, parsed back or not -- including the member order of names
+    outside the Basic Multilingual Plane, where code points and UTF-16 differ."""
+    data = canonical_bytes(value)
+    assert canonical_bytes_checked(value) == data
+    assert canonical_bytes_checked(parse(data)) == data
+
+
+def test_the_fast_encoder_orders_names_by_utf16():
+    obj = {"\ufb33": 1, "\U0001f600": 2, "a": {"\U0001f600": 3, "\ue000": [4]}}
+    assert canonical_bytes_checked(obj) == canonical_bytes(obj)
+    assert canonical_bytes_checked(obj).index("\U0001f600".encode()) < canonical_bytes_checked(obj).index("\ufb33".encode())
 
 
 def test_parse_refuses_floats_and_duplicate_keys():

@@ -99,6 +99,21 @@ def canonical_bytes(value: Any) -> bytes:
     return "".join(out).encode("utf-8")
 
 
+def canonical_bytes_checked(value: Any) -> bytes:
+    """``canonical_bytes`` of a value already known to hold only what a signed body may hold
+    (what :func:`parse` returns, or a body :func:`canonical_bytes` accepted before): the same
+    bytes, written by ``json.dumps`` in C instead of the checking encoder above -- about
+    20 x faster on a 500 KB candidate block, which every device hashes and verifies for
+    every miner. The two agree on such values (same escapes, integers only) except in the
+    order of object members whose names hold a character outside the Basic Multilingual
+    Plane (code points here, UTF-16 code units in RFC 8785): text holding one is encoded
+    again by the checking encoder. ``tests/test_canonical.py`` checks the equality."""
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    if not text.isascii() and max(text) > "\uffff":
+        return canonical_bytes(value)
+    return text.encode("utf-8")
+
+
 #: Deepest nesting of lists and objects ``parse`` accepts. The deepest message (a chain
 #: answer: blocks holding transactions holding votes) nests about 10 levels; json.loads and
 #: the encoder above recurse, so a deeper payload is refused before it is parsed.
