@@ -353,3 +353,39 @@ def test_validator_modules_do_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_co_located_agents_parse_the_dataset_once_and_share_its_file(tmp_path, monkeypatch, fmnist):
+    """With an array cache (compute.SharedCache) the first caller parses each file under a
+    lock while the others wait, then all memory-map the .npy it wrote: six agents joining at
+    once parse the four files four times, not 24 (each parse is about 100 MB of heap)."""
+    parses = []
+    real = data._load_idx
+    monkeypatch.setattr(data, "_load_idx", lambda *a: parses.append(a[0]) or real(*a))
+    data.set_array_cache(tmp_path / "datasets")
+    data.release_datasets()
+    spec = {"dataset": "fashion-mnist", "partition": "shards", "samples_per_device": 300,
+            "test_per_device": 50, "seed": 0, "n_devices": 6}  # fmt: skip
+    got, errors = {}, []
+
+    def agent(i):
+        try:
+            got[i] = data.device_data(spec, i)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=agent, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        data.set_array_cache(None)
+        data.release_datasets()
+    assert not errors, errors
+    assert sorted(Path(p).name for p in parses) == sorted({Path(p).name for p in parses}) and len(parses) == 4
+    ds = data.load_dataset("fashion-mnist")
+    ref = data.partition_train(ds.train_y, 6, "shards", 300, 0)[2]
+    assert np.array_equal(got[2].train_y, ds.train_y[ref].astype(np.int64))  # the same shard as without a cache
+    assert len(list((tmp_path / "datasets").glob("*.npy"))) == 4
