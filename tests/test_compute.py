@@ -90,6 +90,14 @@ def test_a_job_gives_what_training_in_process_gives(service):
     got = t.run({"op": "pfedme", "arch": "mlp", "batch_size": 10, "seed": 2, "pfedme": pf}, bl.encode(p0), x, y)
     w, theta = train_pfedme("mlp", p0, x, y, batch_size=10, seed=2, **pf)
     assert got.params == bl.encode(w) and got.personal == bl.encode(theta)
+    # the two slots are one torch import: the second was forked by the first (forked after
+    # the jobs above ran in either, the results are still those of in-process training)
+    first, second = service.pools["cpu"].workers
+    with open(f"/proc/{second.pid}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == first.pid
+    for w in (first, second):
+        with open(f"/proc/{w.pid}/maps") as f:
+            assert "libtorch" in f.read()
 
 
 def test_bad_clients_and_dead_workers_do_not_stop_the_service(service):
@@ -172,7 +180,7 @@ def test_a_run_trains_under_the_host_budget_and_agents_never_load_torch(tmp_path
          "--vote-ref", "trained", "--train-slots", "1", "--out", str(out), "--quiet", "--deadlines", "120,60,60"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    seen_agents, torch_in = set(), {}
+    seen_agents, torch_in, parents = set(), {}, {}
     while proc.poll() is None:
         for pid in os.listdir("/proc"):
             cmd = _cmdline(pid) if pid.isdigit() else ""
@@ -187,11 +195,16 @@ def test_a_run_trains_under_the_host_budget_and_agents_never_load_torch(tmp_path
                 continue
             if kind == "agent":
                 seen_agents.add(pid)
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = f.read().rsplit(")", 1)[1].split()[1]
+                parents[ppid] = _cmdline(ppid)
             torch_in[pid] = (kind, "libtorch" in maps)
         time.sleep(0.3)
     stdout = proc.stdout.read()
     assert proc.returncode == 0, stdout[-3000:]
     assert len(seen_agents) == 6
+    # all forked from one process that preloaded the agent's code (and no torch either)
+    assert len(parents) == 1 and "edge_agent.preload" in next(iter(parents.values())), parents
     assert not [p for p, (k, t) in torch_in.items() if k == "agent" and t], "an agent process mapped libtorch"
     summary = json.loads((out / "summary.json").read_text())
     jobs, waits = [], []
