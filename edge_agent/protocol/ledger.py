@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 from . import rewards as eq
 from . import voting
-from .canonical import canonical_bytes
+from .canonical import canonical_bytes_checked
 from .genesis import Genesis
 from .messages import (
     BLOCK_CONTENT,
@@ -500,7 +500,8 @@ def build_block(
 
 
 def _canonical(value) -> bytes:
-    return canonical_bytes(value)
+    # (parsed or assembled from parsed parts: the fast encoder writes the canonical bytes)
+    return canonical_bytes_checked(value)
 
 
 def doubled_senders(wtxs) -> frozenset[str]:

@@ -26,7 +26,7 @@ can confine each device to its own subtrees, see ``broker/mosquitto.py``)::
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .canonical import CanonicalError, canonical_bytes, canonical_bytes_checked, parse
@@ -81,6 +81,10 @@ class Envelope:
     body: dict
     sig: str
     id: str  # sha256 of canonical(body)
+    # the bytes the signature covers, kept by ``sign`` and ``from_json`` (which computed them
+    # for the id) so that checking the signature does not encode the body again; an envelope
+    # built otherwise (a forgery in a test) has none and they are computed from its body
+    signed: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -123,12 +127,12 @@ def signed_view(body: dict, encode=canonical_bytes) -> dict:
 
 def header(env: "Envelope") -> "Envelope":
     """A block's header: the signed view, with the block's signature and id."""
-    return Envelope(body=signed_view(env.body), sig=env.sig, id=env.id)
+    return Envelope(body=signed_view(env.body), sig=env.sig, id=env.id, signed=env.signed)
 
 
 def sign(key: KeyPair, body: dict) -> Envelope:
     data = canonical_bytes(signed_view(body))
-    return Envelope(body=body, sig=key.sign(data), id=sha256_hex(data))
+    return Envelope(body=body, sig=key.sign(data), id=sha256_hex(data), signed=data)
 
 
 def decode(payload: bytes, max_bytes: int = MAX_JSON_BYTES) -> Envelope:
@@ -148,9 +152,9 @@ def from_json(obj: Any) -> Envelope:
     body, sig = obj["body"], obj["sig"]
     if not isinstance(body, dict) or not isinstance(sig, str):
         raise Drop("malformed", "bad body or sig")
-    for field, typ in (("run", str), ("kind", str), ("sender", str), ("round", int)):
-        if not isinstance(body.get(field), typ) or isinstance(body.get(field), bool):
-            raise Drop("malformed", f"body.{field} missing or not {typ.__name__}")
+    for name, typ in (("run", str), ("kind", str), ("sender", str), ("round", int)):
+        if not isinstance(body.get(name), typ) or isinstance(body.get(name), bool):
+            raise Drop("malformed", f"body.{name} missing or not {typ.__name__}")
     if body["round"] < 0:
         raise Drop("malformed", "negative round")
     if body["kind"] == "block" and "content" in body and any(k in body for k in BLOCK_CONTENT):
@@ -159,11 +163,13 @@ def from_json(obj: Any) -> Envelope:
         data = canonical_bytes_checked(signed_view(body, canonical_bytes_checked))
     except CanonicalError as exc:
         raise Drop("malformed", str(exc)) from None
-    return Envelope(body=body, sig=sig, id=sha256_hex(data))
+    return Envelope(body=body, sig=sig, id=sha256_hex(data), signed=data)
 
 
 def check_signature(env: Envelope, public_hex: str) -> None:
-    signed = canonical_bytes_checked(signed_view(env.body, canonical_bytes_checked))
+    signed = env.signed
+    if signed is None:
+        signed = canonical_bytes_checked(signed_view(env.body, canonical_bytes_checked))
     if not verify(public_hex, signed, env.sig):
         raise Drop("bad_signature", f"{env.kind} from {env.sender}")
 
