@@ -159,17 +159,21 @@ def from_json(obj: Any) -> Envelope:
         raise Drop("malformed", "negative round")
     if body["kind"] == "block" and "content" in body and any(k in body for k in BLOCK_CONTENT):
         raise Drop("malformed", "a block header with content")
-    try:  # (``parse`` has checked every value: the fast encoder applies)
-        data = canonical_bytes_checked(signed_view(body, canonical_bytes_checked))
+    try:
+        data = _signed_bytes(body)
     except CanonicalError as exc:
         raise Drop("malformed", str(exc)) from None
     return Envelope(body=body, sig=sig, id=sha256_hex(data), signed=data)
 
 
+def _signed_bytes(body: dict) -> bytes:
+    """What the signature of a received body covers (``parse`` has checked every value, so
+    the fast encoder writes the canonical bytes)."""
+    return canonical_bytes_checked(signed_view(body, canonical_bytes_checked))
+
+
 def check_signature(env: Envelope, public_hex: str) -> None:
-    signed = env.signed
-    if signed is None:
-        signed = canonical_bytes_checked(signed_view(env.body, canonical_bytes_checked))
+    signed = env.signed if env.signed is not None else _signed_bytes(env.body)
     if not verify(public_hex, signed, env.sig):
         raise Drop("bad_signature", f"{env.kind} from {env.sender}")
 
