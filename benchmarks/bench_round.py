@@ -133,6 +133,13 @@ def tree_pss_kb(root: int, cpu: dict | None = None) -> tuple[int, int, dict[str,
     return total, n, kinds
 
 
+def host_idle_s() -> float:
+    """Idle (and I/O wait) CPU seconds of the host since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
 class PeakPss(threading.Thread):
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
@@ -140,15 +147,23 @@ class PeakPss(threading.Thread):
         self.peak, self.peak_kinds, self.peak_n = 0, {}, 0
         self.done = threading.Event()
         self.cpu_samples: list[tuple[float, dict]] = []  # (time.time(), pid -> (kind, CPU s))
+        self.idle_samples: list[tuple[float, float]] = []  # (time.time(), the host's idle CPU s)
 
     def run(self) -> None:
         while not self.done.is_set():
             cpu: dict = {}
             total, n, kinds = tree_pss_kb(self.pid, cpu)
             self.cpu_samples.append((time.time(), cpu))
+            self.idle_samples.append((time.time(), host_idle_s()))
             if total > self.peak:
                 self.peak, self.peak_kinds, self.peak_n = total, kinds, n
             self.done.wait(self.every)
+
+    def idle_between(self, t0: float, t1: float) -> float:
+        """Idle CPU seconds of the whole host between the samples nearest t0 and t1."""
+        a = min(self.idle_samples, key=lambda s: abs(s[0] - t0))[1]
+        b = min(self.idle_samples, key=lambda s: abs(s[0] - t1))[1]
+        return max(0.0, b - a)
 
     def cpu_between(self, t0: float, t1: float) -> dict[str, float]:
         """CPU seconds by process kind between the samples nearest t0 and t1."""
@@ -316,6 +331,18 @@ def main() -> int:
         print(f"  training took {work:.2f} x the floor's CPU ({slots} x {figures['floor_s']:.1f} s); everything "
               f"else {rest:.1f} CPU s")  # fmt: skip
         figures["training_cpu_x_floor"] = work
+    starts = [v["train_start_ms"] / 1000 for v in t if "train_start_ms" in v]
+    ends = [v["train_end_ms"] / 1000 for v in t if "train_end_ms" in v]
+    if starts and ends:
+        windows = [("before the first training job starts", t0, min(starts)),
+                   ("while training jobs run", min(starts), max(ends)),
+                   ("after the last training job ends", max(ends), t1)]  # fmt: skip
+        print(f"\nidle CPU of the host in round {last['round']} (s; {host_cpus()} cores):")
+        figures["idle_cpu_s"] = {}
+        for name, a, b in windows:
+            idle = mem.idle_between(a, b)
+            figures["idle_cpu_s"][name] = idle
+            print(f"  {name:<40} {idle:8.1f}  of {host_cpus() * max(0.0, b - a):.1f} in {max(0.0, b - a):.1f} s")
     msgs = sum(v.get("rx_msgs", 0) for v in t)
     mb = sum(v.get("rx_bytes", 0) for v in t) / 1e6
     print(f"\nthe broker delivered to the devices in round {last['round']}: {msgs} messages, {mb:.0f} MB")

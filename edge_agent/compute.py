@@ -82,7 +82,7 @@ def write_frame(f, header: dict, parts: dict[str, bytes] | None = None) -> None:
 
 def read_header(f) -> tuple[dict, list]:
     """A frame's header and the list of its parts, which are still to be read
-    (:func:`read_parts`): the service reads a job's data only once a slot is free for it."""
+    (:func:`read_parts`): the service reads a job's data only once it is among the next jobs to run."""
     (n,) = struct.unpack(">I", _read_exact(f, 4))
     if n > MAX_HEADER:
         raise ValueError(f"frame header of {n} bytes")
@@ -281,6 +281,12 @@ class _Pool:
     size: int
     workers: list[_Worker] = field(default_factory=list)
     free: queue.Queue = field(default_factory=queue.Queue)
+    # jobs whose data has been read ahead of a free slot: at most one per slot, so a slot that
+    # frees starts its next job at once instead of first reading 16 MB from a busy agent
+    ahead: threading.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ahead = threading.Semaphore(self.size)
 
 
 class TrainerService:
@@ -406,8 +412,9 @@ class TrainerService:
                     return  # a probe (``connectable``): connected and closed
                 job = True
                 header, spec = read_header(conn)
-                # the job's data stays in the client's socket until a slot is free: 12 queued
-                # CNN jobs held 180 MB in this process when it read them on arrival
+                # the job's data stays in the client's socket until it is among the next jobs
+                # to run: 12 queued CNN jobs held 180 MB in this process when it read them on
+                # arrival
                 reply, out = self.run_job(header, lambda: read_parts(conn, spec))
                 write_frame(conn, reply, out)
         except Exception as exc:  # a broken client must not take the service down
@@ -419,7 +426,8 @@ class TrainerService:
                     self.last_activity = time.monotonic()
 
     def run_job(self, header: dict, read_data) -> tuple[dict, dict[str, bytes]]:
-        """Run one job; ``read_data()`` reads its data, once the job has its slot."""
+        """Run one job; ``read_data()`` reads its data once the job is among the next
+        ``slots`` to run (read ahead of its slot, so the slot does not wait for it)."""
         device = header.get("device", "auto")
         if device not in TRAIN_DEVICES:
             return {"ok": False, "error": f"unknown device {device!r}"}, {}
@@ -427,17 +435,18 @@ class TrainerService:
             return {"ok": False, "error": "--train-device cuda but torch sees no GPU on this host"}, {}
         pool = self._pool(device)
         t0 = time.monotonic()
-        w = pool.free.get()  # the budget: blocks until a slot of this device is free
+        with pool.ahead:
+            try:
+                data = read_data()
+            except (OSError, EOFError, ValueError) as exc:
+                raise _ClientGone(exc) from None
+            w = pool.free.get()  # the budget: blocks until a slot of this device is free
         wait_ms = int((time.monotonic() - t0) * 1000)
         with self.lock:
             self.running += 1
             self.max_running = max(self.max_running, self.running)
         start = time.time()
         try:
-            try:
-                data = read_data()
-            except (OSError, EOFError, ValueError) as exc:
-                raise _ClientGone(exc) from None
             write_frame(w.sock, header, data)
             del data
             reply, out = read_frame(w.sock)

@@ -76,6 +76,41 @@ def test_the_budget_is_never_exceeded_and_waits_are_measured(service):
     assert all(r.device == "cpu" and r.compute_ms > 0 for r in results)
 
 
+def test_the_next_jobs_data_is_read_ahead_of_its_slot_but_no_further(service):
+    """Five clients send 12.5 MB jobs at once to a 2-slot service. While the first two
+    compute, the service reads the next two jobs' data (so a slot that frees starts its next
+    job at once), but not the fifth's: that one stays in its client's socket until a
+    read-ahead place frees, when the first job ends and the third takes its slot."""
+    x, y = _data(4000)
+    base = bl.encode(arch.init_params("mlp", 0))
+    xs, xb = compute.array_part(x, np.float32)
+    ys, yb = compute.array_part(y, np.int64)
+    out = []
+
+    def client(i):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(service.path))
+            header = {**_job(i, 3), "device": "cpu", "x": xs, "y": ys}
+            compute.write_frame(s, header, {"params": base, "x": xb, "y": yb})
+            sent = time.time()  # the service has read all of it (it is far larger than a socket buffer)
+            reply, _ = compute.read_frame(s)
+            assert reply["ok"], reply
+            out.append((reply["start"], reply["end"], sent))
+
+    ths = [threading.Thread(target=client, args=(i,)) for i in range(5)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    jobs = sorted(out)  # by start
+    first_end = min(end for _, end, _ in jobs[:2])
+    assert first_end - jobs[0][0] > 0.5  # the jobs last long enough for the order to show
+    for start, _, sent in jobs[2:4]:
+        assert sent < first_end - 0.3, "the next jobs' data was not read ahead of their slot"
+        assert start - first_end < 0.3
+    assert jobs[4][2] > first_end - 0.1, "more jobs' data was read than there are slots"
+
+
 def test_a_job_gives_what_training_in_process_gives(service):
     """Bit for bit: the same params, data and seed give the same blob through the service
     as train_local / train_pfedme called in this process."""
