@@ -357,7 +357,7 @@ class Agent:
             if isinstance(a, nd.Publish):
                 if topic_kind(a.topic) in ("wtx", "vtx", "block"):
                     self.store.save_signed(a.payload)  # before it leaves: see ChainStore.save_signed
-                self.mqtt.publish(a.topic, a.payload, retain=a.retain)
+                self.mqtt.publish(a.topic, a.sent, retain=a.retain)
             elif isinstance(a, nd.StoreBlob):
                 self.blobs.put(a.data, a.hash)  # (the core has checked the hash)
             elif isinstance(a, nd.DeleteBlob):

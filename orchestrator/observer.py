@@ -27,6 +27,7 @@ from edge_agent.protocol.messages import (
     Drop,
     check_signature,
     decode,
+    decode_block,
     dict_of,
     int_in,
     is_envelope,
@@ -51,6 +52,8 @@ FIELDS: dict[str, tuple[dict, dict]] = {
     "hello": ({"pubkey": valid_hash, "caps": list_of(one_of(*CAPABILITIES))}, {}),
     "status": ({"state": one_of("online", "offline")}, {}),
     "ack": ({}, {}),
+    "wtx": ({}, {}),  # kept only to rebuild compact blocks (messages.decode_block)
+    "vtx": ({}, {}),
     "head": ({"head": valid_hash}, {}),
     "report": (
         {"head": valid_hash, "acc_bp": int_in(0, 10_000), "stake": COUNT},
@@ -116,12 +119,15 @@ class Observer:
     drops: Counter = field(default_factory=Counter)
     genesis: Genesis | None = None
     admitted: dict[str, str] = field(default_factory=dict)  # device -> public key
+    txs: dict[str, object] = field(default_factory=dict)  # id -> worker / validator tx of recent rounds
+    incomplete: dict[str, tuple] = field(default_factory=dict)  # id -> (topic, compact block lacking a tx)
 
     def watch_devices(self) -> None:
         self.mqtt.subscribe(f"{PREFIX}/devices/+/hello", f"{PREFIX}/devices/+/status")
 
     def watch_run(self, run: str) -> None:
-        self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/+" for k in ("ack", "block", "head", "report")))
+        kinds = ("ack", "wtx", "vtx", "block", "head", "report")
+        self.mqtt.subscribe(*(f"{PREFIX}/{run}/{k}/+" for k in kinds))
 
     def admit(self, keys: dict[str, str]) -> None:
         """From now on, announcements of these devices count only when signed by these keys."""
@@ -155,7 +161,18 @@ class Observer:
         tp = parse_topic(topic_name)
         if not payload:
             return  # a cleared retained message
-        env = decode(payload)
+        if tp.kind == "block":
+            env, missing = decode_block(payload, self.txs.get)
+            if missing:  # its txs may still be on their way: retried when a tx arrives
+                key = self.admitted.get(tp.device)
+                if key is None or env.sender != tp.device:
+                    raise Drop("unknown_sender", topic_name)
+                check_signature(env, key)  # (a forged header must not take a place below)
+                if len(self.incomplete) < 256:
+                    self.incomplete[env.id] = (topic_name, payload)
+                raise Drop("unknown_tx", f"block {env.id[:12]} names {len(missing)} tx(s) not seen")
+        else:
+            env = decode(payload)
         if env.sender != tp.device or env.kind != tp.kind:
             raise Drop("topic_mismatch", topic_name)
         if tp.kind not in FIELDS or (tp.run is None) != (tp.kind in ANNOUNCEMENTS):
@@ -214,10 +231,28 @@ class Observer:
             self.acks.add(tp.device)
         elif tp.kind == "block":
             self.blocks[env.id] = env
+            self.incomplete.pop(env.id, None)
+        elif tp.kind in ("wtx", "vtx"):
+            self._keep_tx(env)
         elif tp.kind == "head":
             self.heads[tp.device] = env.body["head"]
         elif tp.kind == "report":
             self.reports[env.round][tp.device] = env.body
+
+    def _keep_tx(self, env) -> None:
+        self.txs[env.id] = env
+        if len(self.txs) > 64 * len(self.admitted) + 64:  # txs of the last rounds suffice
+            newest = max(e.round for e in self.txs.values())
+            self.txs = {i: e for i, e in self.txs.items() if e.round > newest - 4}
+        for block_id, (name, raw) in list(self.incomplete.items()):
+            try:
+                if decode_block(raw, self.txs.get)[1]:
+                    continue
+                del self.incomplete[block_id]
+                self._on(name, raw)  # every check, as if it had come now
+            except Drop as exc:
+                self.incomplete.pop(block_id, None)
+                self.drops[exc.reason] += 1
 
     # -- chain and summaries --
 

@@ -143,10 +143,10 @@ class SimNet:
         """Deliver ``pub`` through the broker: to every live device, or only to ``dests``."""
         self.published.append(pub)
         if pub.retain:
-            self.retained[pub.topic] = pub.payload
+            self.retained[pub.topic] = pub.sent
         for other in self.nodes if dests is None else dests:
             if other not in self.silent and not (self.lose and self.lose(other, pub)):
-                self.queue.append((other, nd.Received(pub.topic, pub.payload)))
+                self.queue.append((other, nd.Received(pub.topic, pub.sent)))
 
     def restart(self, dev):
         """The device's process died and starts again: a new Node from what it persisted (its

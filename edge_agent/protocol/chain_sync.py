@@ -203,13 +203,15 @@ class ChainSync:
         check_signature(env, self.genesis.pubkey(env.sender))
         self.seen.add(env.id)
         b = env.body
-        hashes, wtx_of, vtx_of, tx_ids = (
+        hashes, wtx_of, vtx_of, tx_ids, block_ids = (
             b.get("blobs", []),
             b.get("wtx_of", []),
             b.get("vtx_of", []),
             b.get("tx_ids", []),
+            b.get("block_ids", []),
         )
-        for name, value in (("blobs", hashes), ("wtx_of", wtx_of), ("vtx_of", vtx_of), ("tx_ids", tx_ids)):
+        fields = (("blobs", hashes), ("wtx_of", wtx_of), ("vtx_of", vtx_of), ("tx_ids", tx_ids), ("block_ids", block_ids))
+        for name, value in fields:
             if not isinstance(value, list) or len(value) > 64 or not all(isinstance(x, str) for x in value):
                 raise Drop("malformed", f"sync.{name}")
         if not all(valid_hash(h) for h in hashes):
@@ -232,6 +234,12 @@ class ChainSync:
         if held:
             body = {"run": self.run, "kind": "chain", "round": ctx.round, "sender": self.me, "to": env.sender,
                     "blocks": [], "txs": [t.to_json() for t in held]}  # fmt: skip
+            acts.append(Publish(topic(self.run, "chain", self.me, env.sender), sign(self.key, body).payload()))
+        # whole candidate blocks, asked by a device that could not rebuild their compact form
+        asked = [c for cands in self.candidates.values() for c in cands.values() if c.id in block_ids] if targeted else []
+        if asked:
+            body = {"run": self.run, "kind": "chain", "round": env.round, "sender": self.me, "to": env.sender,
+                    "blocks": [c.to_json() for c in asked[:1]]}  # fmt: skip
             acts.append(Publish(topic(self.run, "chain", self.me, env.sender), sign(self.key, body).payload()))
         start = b.get("from_height")
         if targeted and isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= len(self.chain):

@@ -15,7 +15,7 @@ can confine each device to its own subtrees, see ``broker/mosquitto.py``)::
     bfl/v1/<run>/wtx/<device>                    worker transaction (Section 5.3.1)
     bfl/v1/<run>/blob/<device>/<sha256>          safetensors model bytes, content-addressed
     bfl/v1/<run>/vtx/<device>                    validator transaction (votes, Algorithm 1)
-    bfl/v1/<run>/block/<device>                  a miner's candidate block
+    bfl/v1/<run>/block/<device>                  a miner's candidate block (compact: see below)
     bfl/v1/<run>/sync/<device>                   request for missing blocks or blobs (pull)
     bfl/v1/<run>/chain/<device>                  answer to a block request: signed blocks
     bfl/v1/<run>/head/<device>         retained  the device's chain head
@@ -57,7 +57,7 @@ def valid_hash(h: Any) -> bool:
 #: Every reason a message can be dropped for (the ``reason`` label of
 #: ``bfl_messages_dropped_total``; tests/test_metrics.py checks the code uses no other).
 DROP_REASONS = (
-    "bad_claim", "bad_evidence", "bad_genesis", "bad_signature", "bad_topic", "blacklisted",
+    "bad_claim", "bad_content", "bad_evidence", "bad_genesis", "bad_signature", "bad_topic", "blacklisted",
     "buffer_full", "busy", "duplicate", "duplicate_id", "duplicate_sender", "equivocation",
     "future_round", "hash_mismatch", "internal_error", "malformed", "not_canonical", "not_for_us",
     "stale_round", "too_large", "too_many_blobs", "topic_mismatch", "unavailable", "unexpected_kind",
@@ -176,6 +176,78 @@ def check_signature(env: Envelope, public_hex: str) -> None:
     signed = env.signed if env.signed is not None else _signed_bytes(env.body)
     if not verify(public_hex, signed, env.sig):
         raise Drop("bad_signature", f"{env.kind} from {env.sender}")
+
+
+# ---- compact blocks --------------------------------------------------------------------
+#
+# A candidate block embeds every transaction of its round, and every device already received
+# those transactions when they were published: at 100 devices a candidate is 480 KB, of which
+# 476 KB are transactions, and with M miners every device received M candidates a round. On
+# the wire a miner sends its block *compact*: the header (``signed_view``, which carries the
+# signature and the digest of the content) and the ids of its transactions, in order:
+#
+#     {"body": <header>, "sig": <hex>, "refs": {"wtxs": [id, ...], "vtxs": [id, ...],
+#                                               "evidence": [<evidence items, in full>]}}
+#
+# A receiver rebuilds the block from the transactions it holds and checks that the rebuilt
+# content has the header's digest, so the block it gets is the one the miner signed, byte for
+# byte. One that lacks a transaction asks the miner for the whole block (``block_ids`` in a
+# sync request). A full block is still accepted on the block topic.
+
+MAX_REFS = 4096  # transaction ids in one compact block (a block is at most MAX_JSON_BYTES)
+
+
+def compact_payload(env: Envelope) -> bytes:
+    """The wire form of a full block ``env`` (see above)."""
+    body = env.body
+    refs = {
+        "wtxs": [from_json(w).id for w in body["wtxs"]],
+        "vtxs": [from_json(v).id for v in body["vtxs"]],
+        "evidence": body["evidence"],
+    }
+    return canonical_bytes({"body": signed_view(body), "sig": env.sig, "refs": refs})
+
+
+def decode_block(payload: bytes, lookup) -> tuple[Envelope, list[str]]:
+    """A block from the wire, full or compact; ``lookup(tx_id)`` gives a transaction this
+    device holds, or None. Returns ``(block, [])``, or ``(header, missing tx ids)`` when the
+    compact form names transactions the device does not hold. Raises Drop if malformed or if
+    the rebuilt content does not have the header's digest (``bad_content``)."""
+    if len(payload) > MAX_JSON_BYTES:
+        raise Drop("too_large", f"{len(payload)} bytes")
+    try:
+        obj = parse(payload)
+    except CanonicalError as exc:
+        raise Drop("malformed", str(exc)) from None
+    if not (isinstance(obj, dict) and "refs" in obj):
+        return from_json(obj), []
+    refs = obj.pop("refs")
+    hdr = from_json(obj)
+    if hdr.kind != "block" or "content" not in hdr.body:
+        raise Drop("malformed", "a compact block's body is not a block header")
+    if not (isinstance(refs, dict) and set(refs) == {"wtxs", "vtxs", "evidence"}):
+        raise Drop("malformed", "compact block refs")
+    ids = [refs["wtxs"], refs["vtxs"]]
+    if not all(isinstance(x, list) and len(x) <= MAX_REFS and all(valid_hash(i) for i in x) for x in ids):
+        raise Drop("malformed", "compact block refs")
+    found = {i: lookup(i) for i in ids[0] + ids[1]}
+    missing = sorted(i for i, e in found.items() if e is None)
+    if missing:
+        return hdr, missing
+    content = {
+        "wtxs": [found[i].to_json() for i in ids[0]],
+        "vtxs": [found[i].to_json() for i in ids[1]],
+        "evidence": refs["evidence"],
+    }
+    try:
+        digest = sha256_hex(canonical_bytes_checked(content))
+    except CanonicalError as exc:
+        raise Drop("malformed", str(exc)) from None
+    if digest != hdr.body["content"]:
+        raise Drop("bad_content", f"block {hdr.id[:12]} from {hdr.sender}: rebuilt content differs")
+    body = {k: v for k, v in hdr.body.items() if k != "content"}
+    body.update(content)
+    return Envelope(body=body, sig=hdr.sig, id=hdr.id, signed=hdr.signed), []
 
 
 # ---- body fields ----------------------------------------------------------------------

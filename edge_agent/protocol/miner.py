@@ -14,7 +14,7 @@ from .ledger import (
     slot,
     tally,
 )
-from .messages import Envelope, sign, topic
+from .messages import Envelope, compact_payload, sign, topic
 from .round import (
     Aggregate,
     MinerPhase,
@@ -38,7 +38,7 @@ class MinerSteps:
         if before is not None:
             ctx.miner = MinerPhase.PROPOSED
             self.candidates.setdefault(ctx.round, {})[before.id] = before
-            return [Publish(topic(self.run, "block", self.me), before.payload())]
+            return [Publish(topic(self.run, "block", self.me), before.payload(), wire=compact_payload(before))]
         evidence = [item for d, item in sorted(self.evidence.items()) if d not in self.state.slashed]
         wtxs = _one_per_worker(list(ctx.wtxs.values()), {d for d in self.evidence if d not in self.state.slashed})
         wtxs, vtxs = select_for_block(self.genesis, self.state, wtxs, list(ctx.vtxs.values()))
@@ -67,7 +67,7 @@ class MinerSteps:
         self.seen.add(env.id)
         self.slots[slot(env)] = self.signed[slot(env)] = env
         self.candidates.setdefault(ctx.round, {})[env.id] = env
-        return [Publish(topic(self.run, "block", self.me), env.payload())]
+        return [Publish(topic(self.run, "block", self.me), env.payload(), wire=compact_payload(env))]
 
 
 def _one_per_worker(wtxs: list[Envelope], proven: set[str]) -> list[Envelope]:

@@ -48,10 +48,22 @@ from .ledger import (
     slot,
     validated,
 )
-from .messages import DEFAULT_MAX_BLOB_BYTES, Drop, Envelope, decode, parse_topic, sign, topic, valid_hash
+from .messages import (
+    DEFAULT_MAX_BLOB_BYTES,
+    Drop,
+    Envelope,
+    check_signature,
+    decode,
+    decode_block,
+    parse_topic,
+    sign,
+    topic,
+    valid_hash,
+)
 from .miner import MinerSteps
 from .round import *  # noqa: F403  (events, actions, phases: re-exported for the shell)
 from .round import (
+    PULL_GRACE_S,
     BLOB_GRACE_MIN_S,
     CHECK_TRIES,
     FUTURE_LIMIT,
@@ -134,6 +146,12 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.own_blobs: set[str] = set()
         self.round_blobs: set[str] = set()  # stored during the current round
         self.pending: dict[str, dict[str, bytes]] = {}  # sender -> {hash: bytes} not yet named
+        # transactions of rounds before the current one, for rebuilding compact blocks that
+        # come late (a competing candidate, a reorganisation): id -> tx, and the full blocks
+        # asked of their miners because a transaction was missing
+        self.old_txs: dict[str, Envelope] = {}
+        self.incomplete: dict[str, tuple[Received, Envelope, float]] = {}  # block id -> (message, header, since)
+        self.blocks_asked: set[str] = set()
         self.aggregates: dict[tuple, str] = {}
         self.drops: Counter[str] = Counter()
         self.duplicates = 0
@@ -252,6 +270,8 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
                 break  # a step committed a block: the new round has run its own rules
             if applies(ctx, now):
                 acts += step(now)
+        if self.incomplete:
+            acts += self._ask_incomplete(now)
         return acts + self._sync_step(now)
 
     def _rules(self):
@@ -344,7 +364,11 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             return self._on_blob(tp.device, tp.extra, msg.payload)
         if tp.kind not in ("wtx", "vtx", "block", "sync", "head", "chain", "evidence"):
             raise Drop("unexpected_kind", tp.kind)
-        env = decode(msg.payload)
+        missing: list[str] = []
+        if tp.kind == "block":  # full or compact (messages.decode_block)
+            env, missing = decode_block(msg.payload, self._tx_held)
+        else:
+            env = decode(msg.payload)
         if env.kind != tp.kind or env.sender != tp.device:
             raise Drop("topic_mismatch", f"{env.kind}/{env.sender} on {msg.topic}")
         if env.body["run"] != self.run:
@@ -353,6 +377,12 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             # (our own messages come back from the broker: we hold what we signed, and the
             # shell may have rewritten it on the way out -- fault injection, byzantine.py)
             self._count("duplicate")
+            if env.id not in self.seen and env.kind in ("wtx", "vtx"):
+                # signed with our key, not by us (rewritten on the way out, or our key is
+                # known to someone else): a miner may have put it in a block we must rebuild
+                check_signature(env, self.key.public_hex)
+                self.old_txs[env.id] = env
+                return self._retry_incomplete(now) if self.incomplete else []
             return []
         handler = {
             "sync": self._on_sync, "head": self._on_head, "chain": self._on_chain, "evidence": self._on_evidence,
@@ -360,6 +390,8 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         if handler is not None:
             return handler(env, now)
         if env.kind == "block":
+            if missing:
+                return self._incomplete_block(msg, env, missing, now)
             return self._on_block(env, now, pulled_from=None)
         ctx = self.ctx
         if ctx is None or env.round < ctx.round:
@@ -396,6 +428,8 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         else:
             if ctx.vtxs.setdefault(env.sender, env) is env:  # (not for an equivocator's second)
                 acts += self._fetch_named_txs(env, now)
+        if self.incomplete:
+            acts += self._retry_incomplete(now)
         return acts
 
     # -- equivocation evidence --
@@ -585,6 +619,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         acts += [DeleteBlob(h) for h in sorted(self.round_blobs - named)]
         self.blobs -= self.round_blobs - named
         acts.append(EvaluateGlobal(state.height, state.global_model))
+        self._keep_txs()
         self.ctx = None
         self.seen = set()  # dedupe is per round; older messages are stale or held candidates
         self.pending = {}
@@ -596,6 +631,64 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             del self.block_evidence[h]
         self.slots = {k: v for k, v in self.slots.items() if k[2] > state.height - REORG_DEPTH}
         return acts + self._begin_round(now)
+
+    def _tx_held(self, tx_id: str) -> Envelope | None:
+        """A worker or validator tx we hold, for rebuilding a compact block."""
+        ctx = self.ctx
+        if ctx is not None:
+            if tx_id in ctx.wtxs:
+                return ctx.wtxs[tx_id]
+            for v in ctx.vtxs.values():
+                if v.id == tx_id:
+                    return v
+        return self.old_txs.get(tx_id)
+
+    def _keep_txs(self) -> None:
+        """The round's context is discarded: keep its txs for REORG_DEPTH rounds."""
+        if self.ctx is not None:
+            for e in [*self.ctx.wtxs.values(), *self.ctx.vtxs.values()]:
+                self.old_txs[e.id] = e
+        floor = self.state.height - REORG_DEPTH
+        self.old_txs = {i: e for i, e in self.old_txs.items() if e.round > floor}
+
+    def _incomplete_block(self, msg: Received, hdr: Envelope, missing: list[str], now: float) -> list:
+        """A compact block naming txs we do not hold. One of a later round waits with that
+        round's other messages; one of this round or an earlier one, once its header is
+        verified, waits for its txs (messages from different senders may arrive in any
+        order) and is rebuilt when they come (``_retry_incomplete``); if they have not come
+        within PULL_GRACE_S, its miner is asked for the whole block (``_ask_incomplete``)."""
+        self._count("unknown_tx")
+        h = hdr.body.get("height")
+        if isinstance(h, int) and not isinstance(h, bool) and h > self.state.height + 1:
+            return self._buffer(msg, hdr) if self.ctx is not None else []
+        check_signature(hdr, self.genesis.pubkey(hdr.sender))
+        if hdr.id not in self.incomplete and len(self.incomplete) < 64:
+            self.incomplete[hdr.id] = (msg, hdr, now)
+        return []
+
+    def _retry_incomplete(self, now: float) -> list:
+        """A tx came: rebuild the compact blocks that now have all theirs."""
+        acts: list = []
+        for block_id, (msg, _, _) in list(self.incomplete.items()):
+            try:
+                complete = not decode_block(msg.payload, self._tx_held)[1]
+            except Drop:
+                complete = True  # (its content is wrong: _receive counts it)
+            if complete:
+                del self.incomplete[block_id]
+                acts += self._receive(msg, now)
+        return acts
+
+    def _ask_incomplete(self, now: float) -> list:
+        acts = []
+        for block_id, (msg, hdr, since) in list(self.incomplete.items()):
+            if hdr.body.get("height", 0) <= self.state.height - REORG_DEPTH:
+                del self.incomplete[block_id]
+            elif now - since >= PULL_GRACE_S and block_id not in self.blocks_asked:
+                self.blocks_asked.add(block_id)
+                log.info("%s: block %s from %s names txs we lack; asking for it", self.me, block_id[:12], hdr.sender)
+                acts.append(self._sync_request(hdr.round, now, ("block", block_id), target=hdr.sender, block_ids=[block_id], blobs=[]))
+        return acts
 
     def _head_message(self) -> Publish:
         head = sign(
@@ -628,6 +721,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.reorgs += 1
         self.states = self.states[:height]
         self.chain = self.chain[: height - 1]
+        self._keep_txs()
         self.ctx = None
         self.finished = False
         return [Rollback(height - 1, self.state)] + self._begin_round(now, catching_up=True)

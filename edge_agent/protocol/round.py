@@ -130,6 +130,13 @@ class Publish:
     topic: str
     payload: bytes
     retain: bool = False
+    # what goes on the wire when it differs from ``payload`` (the signed message, which the
+    # shell logs): a candidate block is sent compact (messages.compact_payload)
+    wire: bytes | None = None
+
+    @property
+    def sent(self) -> bytes:
+        return self.payload if self.wire is None else self.wire
 
 
 @dataclass(frozen=True)
