@@ -148,6 +148,7 @@ class PeakPss(threading.Thread):
         self.done = threading.Event()
         self.cpu_samples: list[tuple[float, dict]] = []  # (time.time(), pid -> (kind, CPU s))
         self.idle_samples: list[tuple[float, float]] = []  # (time.time(), the host's idle CPU s)
+        self.own_samples: list[tuple[float, float]] = []  # (time.time(), this thread's CPU s)
 
     def run(self) -> None:
         while not self.done.is_set():
@@ -155,14 +156,16 @@ class PeakPss(threading.Thread):
             total, n, kinds = tree_pss_kb(self.pid, cpu)
             self.cpu_samples.append((time.time(), cpu))
             self.idle_samples.append((time.time(), host_idle_s()))
+            self.own_samples.append((time.time(), time.thread_time()))  # this sampler's own cost
             if total > self.peak:
                 self.peak, self.peak_kinds, self.peak_n = total, kinds, n
             self.done.wait(self.every)
 
-    def idle_between(self, t0: float, t1: float) -> float:
+    def idle_between(self, t0: float, t1: float, samples=None) -> float:
         """Idle CPU seconds of the whole host between the samples nearest t0 and t1."""
-        a = min(self.idle_samples, key=lambda s: abs(s[0] - t0))[1]
-        b = min(self.idle_samples, key=lambda s: abs(s[0] - t1))[1]
+        samples = self.idle_samples if samples is None else samples
+        a = min(samples, key=lambda s: abs(s[0] - t0))[1]
+        b = min(samples, key=lambda s: abs(s[0] - t1))[1]
         return max(0.0, b - a)
 
     def cpu_between(self, t0: float, t1: float) -> dict[str, float]:
@@ -325,6 +328,9 @@ def main() -> int:
     for kind, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<40} {v:8.1f}")
     figures["cpu_by_process_kind"] = by_kind
+    own = mem.idle_between(t0, t1, mem.own_samples)
+    print(f"  {'(this benchmark sampling /proc)':<40} {own:8.1f}")
+    figures["sampler_cpu_s"] = own
     if "floor_s" in figures and by_kind.get("trainer worker"):
         work = by_kind["trainer worker"] / (slots * figures["floor_s"])
         rest = sum(v for k, v in by_kind.items() if k != "trainer worker")

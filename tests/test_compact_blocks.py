@@ -166,3 +166,44 @@ def test_compact_payload_round_trips_a_block_with_evidence():
     with pytest.raises(Drop) as e:
         decode_block(compact_payload(sign(miner_key, dict(body, evidence=[]))).replace(b'"evidence":[]', b'"evidence":[1]'), held.get)
     assert e.value.reason == "bad_content"
+
+
+def test_content_bytes_from_each_txs_kept_bytes_are_the_canonical_encoding():
+    """The content digest is computed from the bytes each tx's signature covers; it must be
+    the RFC 8785 encoding of the content, whatever the evidence holds and however the txs
+    were made (received, or signed here)."""
+    from edge_agent.protocol.messages import Envelope, _content_bytes
+
+    net = SimNet(n=6, roles=(3, 2, 1), rounds=1)
+    net.start()
+    net.run()
+    blk = net.nodes["d00"].chain[0]
+    received = [from_json(t) for t in blk.body["wtxs"] + blk.body["vtxs"]]
+    resigned = [sign(net.keys[e.sender], e.body) for e in received]
+    bare = [Envelope(e.body, e.sig, e.id) for e in received]  # no kept bytes
+    evidence = [{"note": "caf\u00e9 \U0001f600 \"quoted\"", "n": -(2**53) + 1, "z": [], "a": {"b": None}}]
+    w = len(blk.body["wtxs"])
+    for txs in (received, resigned, bare):
+        content = {"evidence": evidence, "vtxs": [e.to_json() for e in txs[w:]], "wtxs": [e.to_json() for e in txs[:w]]}
+        assert _content_bytes(txs[:w], txs[w:], evidence) == canonical_bytes(content)
+
+
+def test_with_more_than_64_missing_workers_pull_requests_stay_valid_and_cover_all():
+    """At 200 devices 120 workers train: a device that asked for every missing worker's tx
+    in one request sent 120 names, and every receiver dropped it (a request names at most
+    64). Each request now names 64, the next request the next 64."""
+    from edge_agent.protocol.node import Received
+
+    net = SimNet(n=74, roles=(70, 2, 2), rounds=1)
+    asker, other = net.nodes["d00"], net.nodes["d01"]
+    asker.start(0.0)
+    other.start(0.0)
+    named: set[str] = set()
+    for k in range(3):
+        (req,) = asker._pull_updates(float(k))
+        body = parse(req.payload)["body"]
+        assert len(body["wtx_of"]) <= 64
+        named |= set(body["wtx_of"])
+        other.handle(Received(req.topic, req.payload), float(k))
+    assert named == set(asker.ctx.roles.workers)  # (none has trained yet)
+    assert other.drops["malformed"] == 0

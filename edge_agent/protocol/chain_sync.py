@@ -180,7 +180,11 @@ class ChainSync:
         log.info(
             "%s: round %d: asking %d peer(s) to re-publish", self.me, ctx.round, len(missing) + len(blobs) + len(vtx_of)
         )
-        return [self._sync_request(ctx.round, now, ("wtx",), wtx_of=missing, vtx_of=vtx_of, blobs=blobs[:64])]
+        # a request names at most 64 of each (receivers drop longer lists): with more than
+        # 64 missing, each request asks the next 64 in turn
+        k = ctx.wtx_pulls
+        return [self._sync_request(ctx.round, now, ("wtx",), wtx_of=_window(missing, k), vtx_of=_window(vtx_of, k),
+                                   blobs=_window(blobs, k))]  # fmt: skip
 
     def _fetch_named_txs(self, vtx: Envelope, now: float) -> list:
         """A miner (or a validator still collecting) asks a validator for the worker txs its
@@ -297,3 +301,11 @@ class ChainSync:
             if env.sender in self.asked_at:
                 self.asked_at[env.sender] = now
         return acts
+
+
+def _window(items: list, k: int, size: int = 64) -> list:
+    """The k-th window of ``size`` items of ``items``, cyclically (all of them if they fit)."""
+    if len(items) <= size:
+        return items
+    start = (k * size) % len(items)
+    return (items[start:] + items[:start])[:size]
