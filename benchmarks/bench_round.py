@@ -9,7 +9,7 @@
 It prints each round's time and its ratio to the floor, the round's critical path by phase
 (from the devices' reports: when each entered each step), the CPU each kind of task took
 in all devices, and the peak PSS of the whole testbed (operator, broker, agents, trainer
-service and its workers), sampled from /proc every half second.
+service and its workers), sampled from /proc every 2 s (`--pss-every`; CPU times every 0.5 s).
 
     python benchmarks/bench_round.py                           # the paper: CNN, 20 devices, 12/5/3
     python benchmarks/bench_round.py --model mlp --rounds 3
@@ -98,17 +98,20 @@ def _children() -> dict[int, list[int]]:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_pss_kb(root: int, cpu: dict | None = None) -> tuple[int, int, dict[str, int]]:
+def tree_pss_kb(root: int, cpu: dict | None = None, pss: bool = True) -> tuple[int, int, dict[str, int]]:
     """(total PSS kB, processes, kB by kind) of ``root`` and all its descendants; fills
-    ``cpu`` with pid -> (kind, CPU seconds so far)."""
+    ``cpu`` with pid -> (kind, CPU seconds so far). ``pss=False`` reads only the CPU times
+    (reading smaps_rollup is what costs: every 0.5 s it took 10 CPU s of a 112 s round)."""
     kids = _children()
     todo, total, n, kinds = [root], 0, 0, {}
     while todo:
         pid = todo.pop()
         todo += kids.get(pid, [])
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                pss = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            kb = 0
+            if pss:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    kb = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
             with open(f"/proc/{pid}/stat") as f:
@@ -125,9 +128,9 @@ def tree_pss_kb(root: int, cpu: dict | None = None) -> tuple[int, int, dict[str,
             else "operator" if "orchestrator.cli" in cmd
             else "other"
         )  # fmt: skip
-        total += pss
+        total += kb
         n += 1
-        kinds[kind] = kinds.get(kind, 0) + pss
+        kinds[kind] = kinds.get(kind, 0) + kb
         if cpu is not None:
             cpu[pid] = (kind, cpu_s)
     return total, n, kinds
@@ -141,9 +144,12 @@ def host_idle_s() -> float:
 
 
 class PeakPss(threading.Thread):
-    def __init__(self, pid: int, every: float = 0.5):
+    """Samples the testbed's CPU times every ``every`` s and its PSS every ``pss_every`` s."""
+
+    def __init__(self, pid: int, every: float = 0.5, pss_every: float = 2.0):
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
+        self.pss_each = max(1, round(pss_every / every))
         self.peak, self.peak_kinds, self.peak_n = 0, {}, 0
         self.done = threading.Event()
         self.cpu_samples: list[tuple[float, dict]] = []  # (time.time(), pid -> (kind, CPU s))
@@ -151,9 +157,11 @@ class PeakPss(threading.Thread):
         self.own_samples: list[tuple[float, float]] = []  # (time.time(), this thread's CPU s)
 
     def run(self) -> None:
+        i = 0
         while not self.done.is_set():
             cpu: dict = {}
-            total, n, kinds = tree_pss_kb(self.pid, cpu)
+            total, n, kinds = tree_pss_kb(self.pid, cpu, pss=i % self.pss_each == 0)
+            i += 1
             self.cpu_samples.append((time.time(), cpu))
             self.idle_samples.append((time.time(), host_idle_s()))
             self.own_samples.append((time.time(), time.thread_time()))  # this sampler's own cost
@@ -247,6 +255,8 @@ def main() -> int:
     p.add_argument("--train-device", default="auto")
     p.add_argument("--broker", default=None, help="mqtt://HOST:PORT (default: bfl run's embedded broker)")
     p.add_argument("--skip-floor", action="store_true")
+    p.add_argument("--pss-every", type=float, default=2.0,
+                   help="seconds between PSS samples (CPU times are sampled every 0.5 s)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("extra", nargs="*", help="more `bfl run` options after --")
@@ -286,7 +296,7 @@ def main() -> int:
     print("run:", "bfl", " ".join(cmd[3:]))
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
-    mem = PeakPss(proc.pid)
+    mem = PeakPss(proc.pid, pss_every=args.pss_every)
     mem.start()
     proc.wait()
     mem.done.set()
