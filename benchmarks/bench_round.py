@@ -98,11 +98,13 @@ def _children() -> dict[int, list[int]]:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_pss_kb(root: int, cpu: dict | None = None, pss: bool = True) -> tuple[int, int, dict[str, int]]:
+def tree_pss_kb(root: int, cpu: dict | None = None, pss: bool = True, kids: dict | None = None,
+                names: dict | None = None) -> tuple[int, int, dict[str, int]]:  # fmt: skip
     """(total PSS kB, processes, kB by kind) of ``root`` and all its descendants; fills
     ``cpu`` with pid -> (kind, CPU seconds so far). ``pss=False`` reads only the CPU times
     (reading smaps_rollup is what costs: every 0.5 s it took 10 CPU s of a 112 s round)."""
-    kids = _children()
+    kids = _children() if kids is None else kids
+    names = {} if names is None else names  # pid -> command line, kept between samples
     todo, total, n, kinds = [root], 0, 0, {}
     while todo:
         pid = todo.pop()
@@ -112,8 +114,10 @@ def tree_pss_kb(root: int, cpu: dict | None = None, pss: bool = True) -> tuple[i
             if pss:
                 with open(f"/proc/{pid}/smaps_rollup") as f:
                     kb = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            cmd = names.get(pid)
+            if cmd is None:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = names[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             cpu_s = (int(fields[11]) + int(fields[12])) / TICK
@@ -157,10 +161,12 @@ class PeakPss(threading.Thread):
         self.own_samples: list[tuple[float, float]] = []  # (time.time(), this thread's CPU s)
 
     def run(self) -> None:
-        i = 0
+        i, kids, names = 0, None, {}
         while not self.done.is_set():
             cpu: dict = {}
-            total, n, kinds = tree_pss_kb(self.pid, cpu, pss=i % self.pss_each == 0)
+            if i % self.pss_each == 0:  # the process tree is scanned again with each PSS sample
+                kids, names = _children(), {}
+            total, n, kinds = tree_pss_kb(self.pid, cpu, pss=i % self.pss_each == 0, kids=kids, names=names)
             i += 1
             self.cpu_samples.append((time.time(), cpu))
             self.idle_samples.append((time.time(), host_idle_s()))
