@@ -207,3 +207,18 @@ def test_with_more_than_64_missing_workers_pull_requests_stay_valid_and_cover_al
         other.handle(Received(req.topic, req.payload), float(k))
     assert named == set(asker.ctx.roles.workers)  # (none has trained yet)
     assert other.drops["malformed"] == 0
+
+
+def test_a_compact_block_on_another_kinds_topic_is_a_topic_mismatch():
+    """decode() of a compact block gives its header, whose kind shows it is on the wrong
+    topic (the reason a full block there gets), not a shapeless 'malformed'."""
+    from edge_agent.protocol.node import Received
+
+    net = SimNet(n=6, roles=(3, 2, 1), rounds=1)
+    net.start()
+    net.run()
+    (pub,) = _blocks(net)
+    node = next(n for d, n in net.nodes.items() if d != decode(pub.payload).sender)
+    assert decode(pub.sent).kind == "block" and "content" in decode(pub.sent).body
+    node.handle(Received(pub.topic.replace("/block/", "/wtx/"), pub.sent), net.now)
+    assert node.drops["topic_mismatch"] == 1 and node.drops["malformed"] == 0

@@ -77,6 +77,7 @@ from edge_agent.protocol.messages import (
     Drop,
     check_signature,
     decode,
+    decode_block,
     device_topic,
     from_json,
     sign,
@@ -180,6 +181,7 @@ class Attacker(threading.Thread):
         self.insider: KeyPair | None = None
         self.state: ledger.State | None = None
         self.blocks: dict[str, object] = {}  # block id -> envelope (gossiped or pulled)
+        self.txs: dict[str, object] = {}  # tx id -> worker / validator tx seen (to rebuild compact blocks)
         self.heads: dict[str, tuple[int, str]] = {}  # honest device -> its signed head claim
         self.captured: dict[str, list[tuple[str, bytes]]] = defaultdict(list)  # kind -> (topic, payload)
         self.wtx_ids: list[str] = []  # honest worker txs of the current round
@@ -276,14 +278,17 @@ class Attacker(threading.Thread):
             kind, dev = parts[3], parts[4]
             if len(self.captured[kind]) < 400:
                 self.captured[kind].append((tp, payload))
-            if kind == "blob" or dev == INSIDER:
+            if kind == "blob" or (dev == INSIDER and kind not in ("wtx", "vtx")):
                 continue
             try:
-                env = decode(payload)
+                # a candidate comes compact: rebuilt from the txs seen, as a device does
+                env, missing = decode_block(payload, self.txs.get) if kind == "block" else (decode(payload), [])
                 check_signature(env, self.genesis.pubkey(dev))
             except (Drop, TypeError):
                 continue
-            if kind == "block":
+            if kind in ("wtx", "vtx"):
+                self.txs[env.id] = env
+            if kind == "block" and not missing:
                 self.blocks[env.id] = env
             elif kind == "chain":
                 for raw in env.body.get("blocks", []):
@@ -292,7 +297,7 @@ class Attacker(threading.Thread):
             elif kind == "head":
                 self.heads[dev] = (env.body["height"], env.body["head"])
                 moved = True
-            elif kind == "wtx" and self.state is not None and env.round == self.state.height + 1:
+            elif kind == "wtx" and dev != INSIDER and self.state is not None and env.round == self.state.height + 1:
                 self.wtx_ids.append(env.id)
         if moved:
             self._follow()

@@ -143,6 +143,8 @@ def decode(payload: bytes, max_bytes: int = MAX_JSON_BYTES) -> Envelope:
         obj = parse(payload)
     except CanonicalError as exc:
         raise Drop("malformed", str(exc)) from None
+    if isinstance(obj, dict) and "refs" in obj:  # a compact block (decode_block): its header,
+        obj = {k: v for k, v in obj.items() if k != "refs"}  # whose kind shows where it belongs
     return from_json(obj)
 
 
