@@ -359,7 +359,10 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             raise Drop("wrong_run", msg.topic)
         if tp.device is None or self.genesis.pubkey(tp.device) is None:
             raise Drop("unknown_sender", msg.topic)
-        if tp.device in self.state.blacklist:
+        if tp.device in self.state.blacklist and tp.kind != "block":
+            # (a block is judged against the state it builds on, in _on_block: the other block
+            # of a miner that equivocated at the height just appended -- and was blacklisted
+            # by that very block -- is the evidence that makes the device reorganise)
             raise Drop("blacklisted", tp.device)
         if tp.kind == "blob":
             return self._on_blob(tp.device, tp.extra, msg.payload)
@@ -377,13 +380,14 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         if env.id in self.seen or env.sender == self.me:
             # (our own messages come back from the broker: we hold what we signed, and the
             # shell may have rewritten it on the way out -- fault injection, byzantine.py)
-            self._count("duplicate")
             if env.id not in self.seen and env.kind in ("wtx", "vtx"):
                 # signed with our key, not by us (rewritten on the way out, or our key is
                 # known to someone else): a miner may have put it in a block we must rebuild
                 check_signature(env, self.key.public_hex)
+                self._count("duplicate")
                 self.old_txs[env.id] = env
                 return self._retry_incomplete(now) if self.incomplete else []
+            self._count("duplicate")
             return []
         handler = {
             "sync": self._on_sync, "head": self._on_head, "chain": self._on_chain, "evidence": self._on_evidence,
