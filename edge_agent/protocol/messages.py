@@ -135,14 +135,19 @@ def sign(key: KeyPair, body: dict) -> Envelope:
     return Envelope(body=body, sig=key.sign(data), id=sha256_hex(data), signed=data)
 
 
-def decode(payload: bytes, max_bytes: int = MAX_JSON_BYTES) -> Envelope:
-    """Parse an envelope and check its shape (not its signature)."""
+def _parse_payload(payload: bytes, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """A received payload's JSON value: Drop("too_large") or Drop("malformed") otherwise."""
     if len(payload) > max_bytes:
         raise Drop("too_large", f"{len(payload)} bytes")
     try:
-        obj = parse(payload)
+        return parse(payload)
     except CanonicalError as exc:
         raise Drop("malformed", str(exc)) from None
+
+
+def decode(payload: bytes, max_bytes: int = MAX_JSON_BYTES) -> Envelope:
+    """Parse an envelope and check its shape (not its signature)."""
+    obj = _parse_payload(payload, max_bytes)
     if isinstance(obj, dict) and "refs" in obj:  # a compact block (decode_block): its header,
         obj = {k: v for k, v in obj.items() if k != "refs"}  # whose kind shows where it belongs
     return from_json(obj)
@@ -215,12 +220,7 @@ def decode_block(payload: bytes, lookup) -> tuple[Envelope, list[str]]:
     device holds, or None. Returns ``(block, [])``, or ``(header, missing tx ids)`` when the
     compact form names transactions the device does not hold. Raises Drop if malformed or if
     the rebuilt content does not have the header's digest (``bad_content``)."""
-    if len(payload) > MAX_JSON_BYTES:
-        raise Drop("too_large", f"{len(payload)} bytes")
-    try:
-        obj = parse(payload)
-    except CanonicalError as exc:
-        raise Drop("malformed", str(exc)) from None
+    obj = _parse_payload(payload)
     if not (isinstance(obj, dict) and "refs" in obj):
         return from_json(obj), []
     refs = obj.pop("refs")
