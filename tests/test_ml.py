@@ -293,6 +293,33 @@ def test_onnx_matches_torch(a, tmp_path):
     assert torch.get_num_threads() >= 1
 
 
+def test_a_model_evaluated_on_many_images_gets_its_own_session_with_the_same_result(monkeypatch):
+    """From BAKE_FROM images on, the CNN runs in a session with its weights baked in (ONNX
+    Runtime pre-packs them): the logits are torch's, a diverged model is still scored, and
+    the shared session is never created for it."""
+    from edge_agent.ml import train
+
+    n = onnx_eval.BAKE_FROM["cnn"]
+    assert n is not None and onnx_eval.BAKE_FROM["mlp"] is None
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n + 7, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, n + 7)
+    p = arch.init_params("cnn", 7)
+    ev = onnx_eval.Evaluator("cnn")
+    baked = ev.predict(p, x)
+    assert ev._session is None  # the shared session was not needed
+    np.testing.assert_allclose(baked, train.torch_predict("cnn", p, x), atol=1e-4, rtol=0)
+    assert ev.accuracy_bp(p, x, y) == train.torch_accuracy_bp("cnn", p, x, y)
+    # the shared session gives the same scores
+    shared = onnx_eval.Evaluator("cnn")
+    monkeypatch.setitem(onnx_eval.BAKE_FROM, "cnn", None)
+    np.testing.assert_allclose(shared.predict(p, x), baked, atol=1e-4, rtol=0)
+    monkeypatch.setitem(onnx_eval.BAKE_FROM, "cnn", n)
+    p["fc1.weight"][3, 3] = np.nan  # a diverged update is scored, not refused
+    acc, loss = ev.scores(p, x, y)
+    assert 0 <= acc <= 10000 and loss == 10**9
+
+
 @pytest.fixture(scope="module")
 def trained_mlp(fmnist):
     from edge_agent.ml import train

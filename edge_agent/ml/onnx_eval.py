@@ -24,6 +24,15 @@ __all__ = ["Evaluator", "build_graph", "export_onnx", "OPSET", "IR_VERSION"]
 # (python benchmarks/bench_eval_batch.py --batches 50,25,10, 2026-12-05).
 EVAL_BATCH = 25
 
+# From how many images a model is evaluated in a session of its own, with its weights baked in
+# as initializers, rather than fed to the shared session. Baked weights let ONNX Runtime
+# pre-pack them (NCHWc convolutions, packed GEMM) once per model. CPU ms for the CNN, creating
+# the session included: 50 images 20.2 baked against 15.5 shared, 200 images 45.1 against
+# 59.9, 500 images 100.1 against 148.7; the MLP is faster shared at every size (500 images:
+# 3.3 against 2.3). (python benchmarks/bench_eval_batch.py --sessions --arch mlp,cnn,
+# 2026-12-05 10:33.) None: never bake.
+BAKE_FROM: dict[str, int | None] = {"mlp": None, "cnn": 100}
+
 OPSET = 17
 IR_VERSION = 8  # the IR version introduced with opset 17; widely supported by onnxruntime
 
@@ -59,11 +68,12 @@ def _nodes(arch: str) -> list:
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def build_graph(arch: str, params: dict[str, np.ndarray] | None = None):
+def build_graph(arch: str, params: dict[str, np.ndarray] | None = None, finite: bool = True):
     """The ONNX ModelProto of ``arch``.
 
     Without ``params`` every weight is a graph input (shared-session evaluation);
-    with ``params`` the weights are initializers (self-contained export).
+    with ``params`` the weights are initializers (self-contained export, or a session of
+    one model; ``finite=False`` lets a diverged model be scored).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -75,7 +85,7 @@ def build_graph(arch: str, params: dict[str, np.ndarray] | None = None):
     if params is None:
         inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(s)) for k, s in shapes]
     else:
-        check_params(arch, params)
+        check_params(arch, params, finite=finite)
         initializers = [numpy_helper.from_array(np.ascontiguousarray(params[k]), k) for k, _ in shapes]
     graph = helper.make_graph(_nodes(arch), f"posbfl_{arch}", inputs, [logits], initializers)
     model = helper.make_model(
@@ -104,20 +114,47 @@ class Evaluator:
                 if self._session is None:
                     import onnxruntime as ort
 
-                    opts = ort.SessionOptions()
-                    opts.intra_op_num_threads = self.threads
-                    opts.inter_op_num_threads = 1
-                    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-                    opts.log_severity_level = 3
                     model = build_graph(self.arch).SerializeToString()
                     self._session = ort.InferenceSession(
-                        model, sess_options=opts, providers=["CPUExecutionProvider"]
+                        model, sess_options=self._options(), providers=["CPUExecutionProvider"]
                     )
         return self._session
 
     def _feeds(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_params(self.arch, params, finite=False)  # a diverged model is scored, not refused
         return {k: np.ascontiguousarray(params[k]) for k, _ in param_shapes(self.arch)}
+
+    def _runner(self, params: dict[str, np.ndarray], n: int):
+        """A function from a batch of images to the logits of ``params``, for ``n`` images:
+        the shared session fed the weights, or from ``BAKE_FROM`` images on, a session of
+        this model alone (dropped with the function; no arena, so its memory goes with it)."""
+        feeds = self._feeds(params)
+        bake_from = BAKE_FROM.get(self.arch)
+        if bake_from is None or n < bake_from:
+            session = self.session
+
+            def run(xb: np.ndarray) -> np.ndarray:
+                feeds["x"] = np.ascontiguousarray(xb)
+                return session.run(["logits"], feeds)[0]
+
+            return run
+        import onnxruntime as ort
+
+        model = build_graph(self.arch, feeds, finite=False).SerializeToString()
+        session = ort.InferenceSession(model, sess_options=self._options(arena=False),
+                                       providers=["CPUExecutionProvider"])
+        return lambda xb: session.run(["logits"], {"x": np.ascontiguousarray(xb)})[0]
+
+    def _options(self, arena: bool = True):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = arena
+        return opts
 
     @staticmethod
     def _images(x: np.ndarray) -> np.ndarray:
@@ -130,12 +167,9 @@ class Evaluator:
 
     def predict(self, params: dict[str, np.ndarray], x: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
         """Logits float32 [n, 10] of the model ``params`` on normalised images ``x``."""
-        feeds = self._feeds(params)
         x = self._images(x)
-        out = []
-        for i in range(0, len(x), batch):
-            feeds["x"] = np.ascontiguousarray(x[i : i + batch])
-            out.append(self.session.run(["logits"], feeds)[0])
+        run = self._runner(params, len(x))
+        out = [run(x[i : i + batch]) for i in range(0, len(x), batch)]
         return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
 
     def accuracy_bp(self, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
@@ -146,12 +180,11 @@ class Evaluator:
             raise ValueError("cannot measure accuracy on an empty test set")
         if len(y) != len(x):
             raise ValueError(f"{len(x)} images but {len(y)} labels")
-        feeds = self._feeds(params)
         x = self._images(x)
+        run = self._runner(params, len(x))
         correct = 0
         for i in range(0, len(x), batch):
-            feeds["x"] = np.ascontiguousarray(x[i : i + batch])
-            logits = self.session.run(["logits"], feeds)[0]
+            logits = run(x[i : i + batch])
             correct += int((logits.argmax(axis=1) == y[i : i + batch]).sum())
         return correct * 10000 // len(y)
 
