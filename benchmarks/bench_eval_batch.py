@@ -4,8 +4,8 @@ the shared session (weights fed as inputs) against a session per model (weights 
     python benchmarks/bench_eval_batch.py [--arch cnn] [--batches 500,100,50]
     python benchmarks/bench_eval_batch.py --sessions [--images 50,200,500]
 
-Each case runs in a fresh process (the arena only grows), four repeats each; prints the RSS
-growth and the best time. With ``--sessions`` each arch is timed both ways for each number
+Each case runs in a fresh process (the arena only grows) with the agents' allocator setting,
+four repeats each; prints the RSS growth and the best time. With ``--sessions`` each arch is timed both ways for each number
 of images, the baked session's creation included: this sets ``onnx_eval.BAKE_FROM``.
 """
 
@@ -18,6 +18,8 @@ import sys
 CHILD = r"""
 import sys, time
 import numpy as np
+from edge_agent.cli import _return_freed_memory
+_return_freed_memory()  # the agents' allocator setting (a 1 MiB mmap threshold)
 from edge_agent.ml import arch, onnx_eval
 from edge_agent.ml.onnx_eval import Evaluator
 def rss():

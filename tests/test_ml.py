@@ -294,9 +294,9 @@ def test_onnx_matches_torch(a, tmp_path):
 
 
 def test_a_model_evaluated_on_many_images_gets_its_own_session_with_the_same_result(monkeypatch):
-    """From BAKE_FROM images on, the CNN runs in a session with its weights baked in (ONNX
-    Runtime pre-packs them): the logits are torch's, a diverged model is still scored, and
-    the shared session is never created for it."""
+    """From BAKE_FROM images on, the CNN runs in a session of its own with its weights as
+    constant initializers (ONNX Runtime pre-packs them): the logits are torch's, model after
+    model, a diverged model is still scored, and the shared session is never created."""
     from edge_agent.ml import train
 
     n = onnx_eval.BAKE_FROM["cnn"]
@@ -315,6 +315,8 @@ def test_a_model_evaluated_on_many_images_gets_its_own_session_with_the_same_res
     monkeypatch.setitem(onnx_eval.BAKE_FROM, "cnn", None)
     np.testing.assert_allclose(shared.predict(p, x), baked, atol=1e-4, rtol=0)
     monkeypatch.setitem(onnx_eval.BAKE_FROM, "cnn", n)
+    p2 = arch.init_params("cnn", 8)  # the next model's session has its own weights
+    np.testing.assert_allclose(ev.predict(p2, x), train.torch_predict("cnn", p2, x), atol=1e-4, rtol=0)
     p["fc1.weight"][3, 3] = np.nan  # a diverged update is scored, not refused
     acc, loss = ev.scores(p, x, y)
     assert 0 <= acc <= 10000 and loss == 10**9

@@ -24,13 +24,13 @@ __all__ = ["Evaluator", "build_graph", "export_onnx", "OPSET", "IR_VERSION"]
 # (python benchmarks/bench_eval_batch.py --batches 50,25,10, 2026-12-05).
 EVAL_BATCH = 25
 
-# From how many images a model is evaluated in a session of its own, with its weights baked in
-# as initializers, rather than fed to the shared session. Baked weights let ONNX Runtime
-# pre-pack them (NCHWc convolutions, packed GEMM) once per model. CPU ms for the CNN, creating
-# the session included: 50 images 20.2 baked against 15.5 shared, 200 images 45.1 against
-# 59.9, 500 images 100.1 against 148.7; the MLP is faster shared at every size (500 images:
-# 3.3 against 2.3). (python benchmarks/bench_eval_batch.py --sessions --arch mlp,cnn,
-# 2026-12-05 10:33.) None: never bake.
+# From how many images a model is evaluated in a session of its own, with its weights as
+# constant initializers, rather than fed to the shared session. Constant weights let ONNX
+# Runtime pre-pack them (NCHWc convolutions, packed GEMM) once per model. CPU ms for the CNN,
+# creating the session included, with the agents' allocator setting: 50 images 19.7 against
+# 15.0 shared, 200 images 44.4 against 57.7, 500 images 95.9 against 144.9; the MLP is faster
+# shared at every size (500 images: 3.1 against 2.5). (python benchmarks/bench_eval_batch.py
+# --sessions --arch mlp,cnn, 2026-12-05 10:44.) None: never.
 BAKE_FROM: dict[str, int | None] = {"mlp": None, "cnn": 100}
 
 OPSET = 17
@@ -68,12 +68,11 @@ def _nodes(arch: str) -> list:
     raise ValueError(f"unknown architecture {arch!r}")
 
 
-def build_graph(arch: str, params: dict[str, np.ndarray] | None = None, finite: bool = True):
+def build_graph(arch: str, params: dict[str, np.ndarray] | None = None):
     """The ONNX ModelProto of ``arch``.
 
     Without ``params`` every weight is a graph input (shared-session evaluation);
-    with ``params`` the weights are initializers (self-contained export, or a session of
-    one model; ``finite=False`` lets a diverged model be scored).
+    with ``params`` the weights are initializers (self-contained export).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -85,7 +84,7 @@ def build_graph(arch: str, params: dict[str, np.ndarray] | None = None, finite: 
     if params is None:
         inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(s)) for k, s in shapes]
     else:
-        check_params(arch, params, finite=finite)
+        check_params(arch, params)
         initializers = [numpy_helper.from_array(np.ascontiguousarray(params[k]), k) for k, _ in shapes]
     graph = helper.make_graph(_nodes(arch), f"posbfl_{arch}", inputs, [logits], initializers)
     model = helper.make_model(
@@ -105,6 +104,7 @@ class Evaluator:
         self.arch = arch
         self.threads = int(threads)
         self._session = None
+        self._baked_template: bytes | None = None
         self._lock = threading.Lock()
 
     @property
@@ -127,7 +127,7 @@ class Evaluator:
     def _runner(self, params: dict[str, np.ndarray], n: int):
         """A function from a batch of images to the logits of ``params``, for ``n`` images:
         the shared session fed the weights, or from ``BAKE_FROM`` images on, a session of
-        this model alone (dropped with the function; no arena, so its memory goes with it)."""
+        this model alone (dropped with the function)."""
         feeds = self._feeds(params)
         bake_from = BAKE_FROM.get(self.arch)
         if bake_from is None or n < bake_from:
@@ -140,12 +140,32 @@ class Evaluator:
             return run
         import onnxruntime as ort
 
-        model = build_graph(self.arch, feeds, finite=False).SerializeToString()
-        session = ort.InferenceSession(model, sess_options=self._options(arena=False),
-                                       providers=["CPUExecutionProvider"])
-        return lambda xb: session.run(["logits"], {"x": np.ascontiguousarray(xb)})[0]
+        # the weights reach ONNX Runtime as external initializers, without a copy into a
+        # serialized model (which, under the agents' 1 MB mmap threshold, cost 23 ms of a
+        # 500-image evaluation's 120); the arrays must outlive the session: ``values`` does
+        names = [k for k, _ in param_shapes(self.arch)]
+        values = [ort.OrtValue.ortvalue_from_numpy(feeds[k]) for k in names]
+        opts = self._options()
+        opts.add_external_initializers(names, values)
+        session = ort.InferenceSession(self._template(), sess_options=opts, providers=["CPUExecutionProvider"])
+        return lambda xb: (values, session.run(["logits"], {"x": np.ascontiguousarray(xb)})[0])[1]
 
-    def _options(self, arena: bool = True):
+    def _template(self) -> bytes:
+        """The graph of ``arch`` with its weights as initializers whose data is external:
+        a session supplies them (``SessionOptions.add_external_initializers``)."""
+        if self._baked_template is None:
+            from onnx import TensorProto
+
+            model = build_graph(self.arch)
+            del model.graph.input[1:]  # only "x" stays an input
+            for name, shape in param_shapes(self.arch):
+                t = model.graph.initializer.add(name=name, data_type=TensorProto.FLOAT, dims=shape,
+                                                data_location=TensorProto.EXTERNAL)  # fmt: skip
+                t.external_data.add(key="location", value="supplied-by-the-session")
+            self._baked_template = model.SerializeToString()
+        return self._baked_template
+
+    def _options(self):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -153,7 +173,6 @@ class Evaluator:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
-        opts.enable_cpu_mem_arena = arena
         return opts
 
     @staticmethod
