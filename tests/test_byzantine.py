@@ -304,3 +304,57 @@ def test_chain_answers_from_a_lying_peer_cannot_split_the_network():
     net.run()
     heads = {d: n.state.head for d, n in net.nodes.items() if d != liar}
     assert len(set(heads.values())) == 1 and net.nodes[late].chain[0].id == chosen.id
+
+
+def test_a_miner_blacklisted_by_its_own_block_is_still_caught_equivocating_at_that_height():
+    """Miner M's block A for height 1 carries evidence against M itself (two worker txs M
+    signed for round 1), so every device that appends A blacklists M. M's second block B
+    for height 1 is judged against the state it builds on (genesis, where M is not
+    blacklisted): with A it is the evidence that M equivocated at height 1, and every
+    device reorganises to the other miner's block C. Dropped on arrival because M is
+    blacklisted in the device's current state (before 6d1d936), B left them all on A."""
+    net = SimNet(n=N, roles=ROLES, rounds=2)
+    g, s0 = net.genesis, ledger.genesis_state(net.genesis)
+    m, m2 = ledger.roles_for(g, s0).miners
+    held: dict[str, nd.Publish] = {}
+
+    def withhold(net_, dev, pub):
+        if "/block/" in pub.topic and decode(pub.payload).round == 1:
+            held.setdefault(dev, pub)
+            return []
+        return [(None, pub)]
+
+    net.byzantine = {m: withhold}
+    net.lose = lambda dest, pub: f"/block/{m2}" in pub.topic and bool(held.setdefault(m2, pub))
+    net.start()
+    net.run(until=lambda: {m, m2} <= set(held))
+    honest_a = decode(held[m].payload)
+    c = decode(held[m2].payload)
+
+    def a_with_evidence_against_m(i: int):
+        wtx = [sign(net.keys[m], ledger.make_wtx(g, s0, m, f"{i + k:064x}")) for k in (0, 1)]
+        item = ledger.evidence_item(*wtx)
+        body = ledger.build_block(g, s0, m, [from_json(w) for w in honest_a.body["wtxs"]],
+                                  [from_json(v) for v in honest_a.body["vtxs"]], honest_a.body["global_model"],
+                                  evidence=[item])  # fmt: skip
+        return sign(net.keys[m], body)
+
+    # M grinds its evidence until A wins the stake tie against C (lowest hash first)
+    a = next(blk for blk in map(a_with_evidence_against_m, range(0, 400, 2)) if blk.id < c.id)
+    b = sign(net.keys[m], ledger.build_block(g, s0, m, [], [], s0.global_model))
+    net.byzantine = {m: lambda net_, dev, pub: [] if "/block/" in pub.topic else [(None, pub)]}
+    net.lose = lambda dest, pub: f"/block/{m2}" in pub.topic and decode(pub.payload).round == 1
+    net.send(nd.Publish(ledger_topic(net, a), a.payload()))
+    honest = [d for d in net.nodes if d != m]
+    net.run(until=lambda: all(net.nodes[d].state.height >= 1 for d in honest))
+    for d in honest:
+        assert net.nodes[d].chain[0].id == a.id and m in net.nodes[d].state.blacklist
+    net.lose = None
+    net.send(held[m2])  # C, and M's second block for height 1
+    net.send(nd.Publish(ledger_topic(net, b), b.payload()))
+    net.run()
+    for d in honest:
+        node = net.nodes[d]
+        assert node.chain[0].id == c.id, d
+        assert m in node.state.slashed  # the equivocation at height 1, put in block 2
+    assert ledger.replay(g, net.nodes[honest[0]].chain).head == net.nodes[honest[0]].state.head

@@ -34,7 +34,9 @@ class EvidenceBook:
         who = check_evidence(self.genesis, item)
         a = from_json(item["a"])
         acts: list = []
-        if who not in self.evidence and who not in self.state.slashed:
+        # (kept even when our current chain already slashed ``who``: a reorganisation can
+        # drop the block that did -- the miner leaves out evidence its parent state covers)
+        if who not in self.evidence:
             self.evidence[who] = item
             log.warning("%s: %s signed two %s messages for round %d: evidence", self.me, who, a.kind, a.round)
             if publish:
