@@ -428,8 +428,10 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             ctx.wtxs[env.id] = env
             ctx.wtx_at.setdefault(env.body["model"], now)
             acts += self._adopt_pending(env.sender, env.body["model"])
-            if not ctx.wtx_pull_at:
-                ctx.wtx_pull_at = now + WTX_PULL_S
+            # missing txs are asked for only after WTX_PULL_S without a new one: while the
+            # host's trainer is still working through a queue of workers, their txs keep
+            # coming and asking for the queued ones would reach every device for nothing
+            ctx.wtx_pull_at = max(ctx.wtx_pull_at, now + WTX_PULL_S)
         else:
             if ctx.vtxs.setdefault(env.sender, env) is env:  # (not for an equivocator's second)
                 acts += self._fetch_named_txs(env, now)
