@@ -44,6 +44,7 @@ __all__ = [
     "DEVICE_KINDS",
     "MosquittoProcess",
     "find_mosquitto",
+    "mosquitto_version",
     "make_password_file",
     "render_acl",
     "render_config",
@@ -291,6 +292,16 @@ def find_mosquitto() -> str:
     if exe is None:
         raise BrokerError("mosquitto not found: sudo apt-get install mosquitto")
     return exe
+
+
+def mosquitto_version() -> str | None:
+    """``mosquitto version X.Y.Z`` as the installed binary prints it (None if it cannot)."""
+    try:
+        proc = subprocess.run([find_mosquitto(), "-h"], capture_output=True, text=True, timeout=10)
+    except (BrokerError, OSError, subprocess.TimeoutExpired):
+        return None
+    first = (proc.stdout or proc.stderr).splitlines()[:1]
+    return first[0].strip() if first else None
 
 
 def find_mosquitto_passwd() -> str:

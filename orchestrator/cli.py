@@ -84,8 +84,16 @@ def run(
     ),
     external: bool = typer.Option(False, help="Use agents already connected to --broker instead of starting them."),
     operator_key: Optional[Path] = typer.Option(None, help="Operator key file (created if missing)."),
-    out: Path = typer.Option(Path("runs/latest"), help="Output directory."),
-    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(
+        None, help="Output folder, new or empty (default: a new runs/TIME-RUNID, with runs/latest pointing at it)."
+    ),
+    overwrite: bool = typer.Option(False, help="Delete what an earlier run left in --out first."),
+    seed: int = typer.Option(
+        0,
+        help="Seed of the run: the data partition, the malicious devices, the initial model and, with the other "
+        "settings, the run id and the local devices' keys (derived with a secret of this host), hence the roles, "
+        "the training, the votes and every block. The same command and seed on this machine repeat the run.",
+    ),
     threads: int = typer.Option(1, help="CPU threads per local agent (ONNX inference) and per training job."),
     train_slots: int = typer.Option(
         0, min=0, help="Local agents: training jobs at once on this host's CPU (0: one per core). See `bfl-agent trainer`."
@@ -115,8 +123,26 @@ def run(
         fail(f"--train-device {train_device!r}: choose one of auto, cpu, cuda")
     if loss_guard < 0:
         fail("--loss-guard must be >= 0 (0 disables it)")
-    if devices < 3 or rounds < 1 or local_epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= vh <= 1:
-        fail("need --devices >= 3, --rounds >= 1, --local-epochs >= 1, --batch-size >= 1, --lr > 0, 0 <= --vh <= 1")
+    for ok, what in ((devices >= 3, f"--devices {devices}: need at least 3"),
+                     (rounds >= 1, f"--rounds {rounds}: need at least 1"),
+                     (local_epochs >= 1, f"--local-epochs {local_epochs}: need at least 1"),
+                     (batch_size >= 1, f"--batch-size {batch_size}: need at least 1"),
+                     (lr > 0, f"--lr {lr}: must be > 0"),
+                     (0 <= vh <= 1, f"--vh {vh}: must be between 0 and 1 (a drop in accuracy, 0.08 = 8 points)"),
+                     (0 <= malicious <= devices, f"--malicious {malicious}: must be between 0 and --devices ({devices})")):  # fmt: skip
+        if not ok:
+            fail(what)
+    if data_dir is not None and not data_dir.is_dir():
+        fail(f"--data-dir {data_dir}: no such folder (it should hold the four IDX files; see `bfl data fetch {dataset}`)")
+    if operator_key is not None and operator_key.exists():
+        from edge_agent.protocol.crypto import KeyPair
+
+        if operator_key.is_dir():
+            fail(f"--operator-key {operator_key}: is a folder; name the operator's key file (created if missing)")
+        try:
+            KeyPair.load(operator_key)
+        except (ValueError, OSError) as exc:
+            fail(f"--operator-key {exc}; it must be the operator's secret key file, as `bfl run` writes it")
     if external and (not broker or broker in LOCAL_BROKERS):
         fail("--external needs --broker URL (the broker the devices are connected to)")
     if broker is not None and broker not in LOCAL_BROKERS:
@@ -126,12 +152,19 @@ def run(
             parse_broker_url(broker)
         except TransportError as exc:
             fail(str(exc))
+    from .experiment import run_folder
+
+    ids = [d.split("=")[0] for d in malicious_ids.split(",") if d] if malicious_ids else None
+    width = max(2, len(str(devices - 1)))
+    unknown = [d for d in ids or [] if d not in {f"d{i:0{width}d}" for i in range(devices)}]
+    if unknown and not external:
+        fail(f"--malicious-ids names unknown devices {', '.join(unknown)}: the devices are d{0:0{width}d}..d{devices - 1:0{width}d}")
     cfg = RunConfig(
         protocol=protocol,
         devices=devices,
         roles=parse_roles(roles),
         malicious=malicious,
-        malicious_ids=[d.split("=")[0] for d in malicious_ids.split(",") if d] if malicious_ids else None,
+        malicious_ids=ids,
         attacks=dict(d.split("=", 1) for d in (malicious_ids or "").split(",") if "=" in d),
         attack=attack,
         rounds=rounds,
@@ -155,7 +188,7 @@ def run(
         broker=broker,
         external=external,
         operator_key=operator_key,
-        out=out,
+        out=Path("."),  # (the run folder, below: its default name has the run id)
         seed=seed,
         threads=threads,
         train_slots=train_slots,
@@ -168,6 +201,12 @@ def run(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .identity import run_id_for
+
+    try:
+        cfg.out = run_folder(out, run_id_for(cfg), overwrite)
+    except ExperimentError as exc:
+        fail(str(exc))
     # plain text: no markup, so "[d03,d07]" (the rejected devices) is printed, not taken as a style
     console = Console(stderr=False, soft_wrap=True, markup=False, highlight=False)
     exp = Experiment(cfg, log=lambda m: console.print(m))
@@ -199,10 +238,12 @@ def run(
             exp.watch(progress)
         path = exp.write_summary()
         console.print(f"summary: {path}")
-    except ExperimentError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        fail("interrupted")
+    except (ExperimentError, KeyboardInterrupt) as exc:
+        reason = str(exc) if isinstance(exc, ExperimentError) else "interrupted"
+        if exp.results:  # what finished is kept, and said so
+            path = exp.write_summary(stopped=reason)
+            reason += f"; {len(exp.results)} of {cfg.rounds} rounds are in {path}"
+        fail(reason)
     finally:
         exp.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -25,11 +26,54 @@ from edge_agent.protocol.ledger import MAX_BLOCK_BYTES, PROTOCOLS, worst_case_bl
 from edge_agent.protocol.messages import device_topic, sign, topic
 from edge_agent.transport import Mqtt
 
+from .identity import derived_key, run_id_for
 from .observer import Observer, RoundResult
 
 
 class ExperimentError(Exception):
     """A one-line, actionable failure of the experiment set-up."""
+
+
+def data_files(cfg: RunConfig) -> list[dict]:
+    """The dataset files the run read, with their SHA-256 (the partition is a function of
+    these bytes and the seed)."""
+    from edge_agent.ml.data import DataMissingError, resolve_files
+
+    try:
+        files = resolve_files(cfg.dataset, cfg.data_dir)
+    except DataMissingError:
+        return []
+    out = []
+    for path in sorted(set(files.values())):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out.append({"path": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()})
+    return out
+
+
+def versions(broker_kind: str | None) -> dict:
+    """The versions that ran: this project, the ML runtimes, the broker (None: external)."""
+    from importlib import metadata
+
+    def dist(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    out = {"posbfl-testbed": dist("posbfl-testbed"), "python": sys.version.split()[0], "torch": dist("torch"),
+           "onnxruntime": dist("onnxruntime"), "numpy": dist("numpy"), "paho-mqtt": dist("paho-mqtt")}  # fmt: skip
+    if broker_kind == "embedded":
+        out["broker"] = f"amqtt {dist('amqtt')}"
+    elif broker_kind == "mosquitto":
+        from broker.mosquitto import mosquitto_version
+
+        out["broker"] = mosquitto_version()
+    else:
+        out["broker"] = "external"
+    return out
 
 
 ATTACKS = ("gaussian", "sign_flip", "scale", "lazy", "label_flip", *PROTOCOL_ATTACKS)
@@ -322,8 +366,40 @@ class LocalAgents:
             shutil.rmtree(self.trainer_dir, ignore_errors=True)
 
 
-def new_run_id(seed: int) -> str:
-    return time.strftime("r%Y%m%d-%H%M%S") + f"-{random.Random().randrange(16**4):04x}"
+def run_folder(out: Path | None, run_id: str, overwrite: bool = False, root: Path = Path("runs")) -> Path:
+    """The folder a run writes to, created empty. Without ``out``: ``root/TIME-RUNID`` (a
+    repeated run gets its own folder), and ``root/latest`` is made to point at it. An ``out``
+    that holds anything is refused unless ``overwrite``: one run's chains never mix with
+    another's."""
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, n = root / f"{stamp}-{run_id}", 2
+        while path.exists():
+            path, n = root / f"{stamp}-{run_id}-{n}", n + 1
+        try:
+            path.mkdir(parents=True)
+            latest = root / "latest"
+            if latest.is_symlink() or not latest.exists():
+                tmp = root / f".latest.{os.getpid()}"
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(path.name)
+                os.replace(tmp, latest)
+        except OSError as exc:
+            raise ExperimentError(f"cannot create the run folder {path}: {exc.strerror}; choose one with --out") from None
+        return path
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"--out {out}: is a file; name a folder (new or empty)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExperimentError(
+                f"--out {out}: not empty (an earlier run?); choose a new folder, or add --overwrite to replace it"
+            )
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExperimentError(f"--out {out}: cannot create it ({exc.strerror})") from None
+    return out
 
 
 class Experiment:
@@ -333,7 +409,7 @@ class Experiment:
         self.cfg = cfg
         self.log = log
         self.out = Path(cfg.out)
-        self.run_id = cfg.run_id or new_run_id(cfg.seed)
+        self.run_id = cfg.run_id or run_id_for(cfg)  # the same settings and seed, the same id
         self.results: list[RoundResult] = []
         self.malicious: list[str] = []
         self.agents: LocalAgents | None = None
@@ -347,14 +423,19 @@ class Experiment:
         self.metrics_targets: list[str] = []
         self.metrics_port = 0
         self.targets_file: Path | None = None
+        self.started = time.time()
 
     # -- set-up --
 
     def _operator_key(self) -> KeyPair:
-        path = self.cfg.operator_key or (self.out / "keys" / "operator.key")
-        if path.exists():
-            return KeyPair.load(path)
-        key = KeyPair.generate()
+        if self.cfg.operator_key is not None:
+            path = self.cfg.operator_key
+            if path.exists():
+                return KeyPair.load(path)
+            key = KeyPair.generate()
+        else:  # derived from the run id and this host's secret: a repeated run signs the same genesis
+            path = self.out / "keys" / "operator.key"
+            key = derived_key(self.run_id, "operator")
         key.save(path)
         return key
 
@@ -489,7 +570,7 @@ class Experiment:
             keys = {}
             for dev in cfg.device_ids():
                 path = self.out / "keys" / f"{dev}.key"
-                KeyPair.generate().save(path)
+                derived_key(self.run_id, dev).save(path)  # (orchestrator/identity.py)
                 keys[dev] = path
             wanted = {d: KeyPair.load(p).public_hex for d, p in keys.items()}
             obs.admit(wanted)  # their hello and status count only when signed with these keys
@@ -562,10 +643,15 @@ class Experiment:
             krum_f=cfg.krum_f if cfg.krum_f is not None else len(self.malicious),
             protocol=cfg.protocol,
             deadlines_ms={k: s * 1000 for k, s in zip(("train", "validate", "mine"), cfg.deadlines_s)},
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        )
+        )  # (no wall-clock time in it: a repeated run has the same genesis; summary.json has the times)
         env = sign(self.operator, body)
         self.genesis = Genesis(env)
+        # a run with this id may have run on this broker before (the same settings and seed):
+        # its retained heads and commands must not reach this one
+        for dev in devices:
+            self.mqtt.publish(topic(self.run_id, "head", dev), b"", retain=True)
+            if dev not in self.malicious:
+                self.mqtt.publish(topic(self.run_id, "cmd", dev), b"", retain=True)
         self.observer.follow(self.genesis)
         (self.out / "genesis.json").write_bytes(env.payload())
         # Fault injection: each malicious device is told privately, on its own command topic.
@@ -664,7 +750,25 @@ class Experiment:
             "operator_drops": dict(sorted(obs.drops.items())),
             # seconds from starting the agents (or waiting for them) until all had said hello
             "agents_ready_s": round(self.agents_ready_s, 1),
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            "wall_s": round(time.time() - self.started, 1),
+            "final_model": self._final_model(),
+            "data_files": data_files(self.cfg),
+            "versions": versions(self.broker_kind if self.broker else None),
         }
+
+    def _final_model(self) -> dict | None:
+        """G_j of the last finished round: its hash, and where ``bfl run`` keeps its blob
+        (local agents' stores are merged into OUT/blobs when the run closes)."""
+        if not self.results or self.genesis is None or self.observer is None:
+            return None
+        honest = set(self.genesis.device_ids) - set(self.malicious)
+        blocks = self.observer.chain(len(self.results), honest)
+        if not blocks:
+            return None
+        h = blocks[-1].body["global_model"]
+        where = {"path": str(bl.blob_path("blobs", h))} if not self.cfg.external else {}  # (in OUT)
+        return {"round": len(blocks), "hash": h, "arch": self.cfg.model, **where}
 
     def csv_rows(self, experiment: str, setting: str, repeat: int) -> tuple[list[dict], list[dict]]:
         """Per-round rows (accuracy, decisions, votes) and per-device stakes, from the chain."""
@@ -705,9 +809,15 @@ class Experiment:
                 stakes.append({**ident, "round": res.round, "device": d, "stake": state.stake(d), "is_malicious": int(d in mal)})
         return rounds, stakes
 
-    def write_summary(self) -> Path:
+    def write_summary(self, stopped: str | None = None) -> Path:
+        """OUT/summary.json; ``stopped``: why the run ended before its last round."""
+        data = self.summary()
+        data["rounds_requested"] = self.cfg.rounds
+        data["stopped"] = stopped
         path = self.out / "summary.json"
-        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        tmp = path.with_name(".summary.json.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)  # never a half-written summary
         return path
 
     def close(self) -> None:

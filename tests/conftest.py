@@ -3,9 +3,12 @@ test files that use them.)"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +16,14 @@ import pytest
 
 from broker import BrokerError, EmbeddedBroker
 from broker.mosquitto import find_mosquitto, start_mosquitto
+
+
+# Every run in the suite derives its keys (orchestrator/identity.py) from this fixed host
+# secret, in the environment its subprocesses inherit: a test's roles, votes and blocks are
+# the same on every machine, so a test cannot pass here and fail on another by the draw.
+_BFL_HOME = Path(tempfile.mkdtemp(prefix="bfl-home-"))
+(_BFL_HOME / "host-secret").write_text(hashlib.sha256(b"posbfl test suite").hexdigest() + "\n")
+os.environ["BFL_HOME"] = str(_BFL_HOME)
 
 
 @pytest.fixture

@@ -98,6 +98,34 @@ def check_run(out: Path, proc: subprocess.CompletedProcess) -> dict:
     return summary
 
 
+def _essence(summary: dict) -> tuple:
+    rounds = [(r["round"], r["workers"], r["accepted"], r["rejected"], r["winner"], r["block_hash"], r["accuracy"])
+              for r in summary["rounds"]]  # fmt: skip
+    return summary["run_id"], summary["malicious"], summary["heads"], summary["stakes"], rounds
+
+
+def test_the_same_command_and_seed_repeat_the_run(tmp_path, mosquitto_broker):
+    """Twice the same command and --seed, on one broker (the first run's retained messages
+    are still there): the same run id, roles, votes, accuracies and blocks, and chain files
+    equal byte for byte; another seed gives another run."""
+    args = ["--devices", "6", "--roles", "3,2,1", "--malicious", "1", "--rounds", "3", "--model", "mlp",
+            "--dataset", "fashion-mnist", "--samples-per-device", "200", "--deadlines", "120,60,60", "--quiet",
+            "--broker", mosquitto_broker]  # fmt: skip
+    summaries = []
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        proc = bfl("run", *args, "--seed", str(seed), "--out", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    a, b, c = summaries
+    assert _essence(a) == _essence(b)
+    assert len({r["block_hash"] for r in a["rounds"]}) == 3 and a["stopped"] is None
+    for dev in a["heads"]:
+        files = [tmp_path / x / "agents" / dev / "runs" / a["run_id"] for x in ("a", "b")]
+        assert sorted(p.name for p in files[0].iterdir()) == sorted(p.name for p in files[1].iterdir())
+        assert (files[0] / "chain.jsonl").read_bytes() == (files[1] / "chain.jsonl").read_bytes()
+    assert c["run_id"] != a["run_id"] and c["heads"] != a["heads"]
+
+
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
 def test_small_run_over_real_broker(broker, tmp_path, request):
     out = tmp_path / "out"
@@ -207,6 +235,44 @@ def test_bad_options_are_one_line_errors(args, needle, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def _junk_key(tmp: Path) -> str:
+    (tmp / "junk.key").write_bytes(bytes(range(256)))
+    return str(tmp / "junk.key")
+
+
+def _earlier_run(tmp: Path) -> str:
+    (tmp / "old").mkdir()
+    (tmp / "old" / "summary.json").write_text("{}")
+    return str(tmp / "old")
+
+
+@pytest.mark.parametrize(
+    "make_args,needle",
+    [
+        (lambda t: ["--out", str(t / "file")], "--out"),
+        (lambda t: ["--out", _earlier_run(t)], "not empty"),
+        (lambda t: ["--operator-key", str(t)], "--operator-key"),
+        (lambda t: ["--operator-key", _junk_key(t)], "not an Ed25519 key file"),
+        (lambda t: ["--devices", "8", "--roles", "4,2,2", "--malicious", "9"], "--malicious 9"),
+        (lambda t: ["--devices", "8", "--roles", "4,2,2", "--malicious-ids", "d03,d11"], "d11"),
+        (lambda t: ["--data-dir", str(t / "missing")], "--data-dir"),
+        (lambda t: ["--lr", "0"], "--lr"),
+        (lambda t: ["--vh", "2"], "--vh"),
+        (lambda t: ["--local-epochs", "0"], "--local-epochs"),
+    ],
+)
+def test_mistakes_are_one_line_errors_before_anything_starts(make_args, needle, tmp_path):
+    """Each names the option; nothing was started (no broker, no agents, no run folder)."""
+    (tmp_path / "file").write_text("x")
+    args = make_args(tmp_path)
+    proc = bfl("run", "--dataset", "fashion-mnist", "--out", str(tmp_path / "run"), *args, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error: "), proc.stderr
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("**/agents"))
+    assert (tmp_path / "file").read_text() == "x"  # and nothing was lost
 
 
 def test_killed_agent_restarts_from_disk_and_catches_up(tmp_path, mosquitto_broker):

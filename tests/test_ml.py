@@ -54,7 +54,7 @@ def test_torchvision_layout_and_uncompressed_files(tmp_path):
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (raw / base).write_bytes(gzip.decompress((FMNIST_DIR / (base + ".gz")).read_bytes()))
     ds = data.load_dataset("fashion-mnist", tmp_path)
-    assert str(tmp_path) in str(data._resolve_files("fashion-mnist", tmp_path)["train_x"])
+    assert str(tmp_path) in str(data.resolve_files("fashion-mnist", tmp_path)["train_x"])
     ref = data.load_dataset("fashion-mnist")
     assert np.array_equal(ds.test_x, ref.test_x) and np.array_equal(ds.train_y, ref.train_y)
 

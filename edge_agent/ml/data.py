@@ -135,7 +135,7 @@ def _candidate_dirs(name: str, data_dir: str | Path | None) -> list[Path]:
     return dirs
 
 
-def _resolve_files(name: str, data_dir: str | Path | None) -> dict[str, Path]:
+def resolve_files(name: str, data_dir: str | Path | None) -> dict[str, Path]:
     """First candidate directory holding all four IDX files, else DataMissingError."""
     for directory in _candidate_dirs(name, data_dir):
         found = {key: _find_file(directory, base) for key, base in _FILES.items()}
@@ -254,7 +254,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     Parsed arrays are cached in-process (read-only). Raises DataMissingError.
     """
     _check_name(name)
-    paths = _resolve_files(name, data_dir)
+    paths = resolve_files(name, data_dir)
     key = []
     for k in _FILES:
         st = os.stat(paths[k])

@@ -32,10 +32,9 @@ class KeyPair:
     @classmethod
     def load(cls, path: str | Path) -> "KeyPair":
         """Read a key file: 64 hex characters, the Ed25519 seed."""
-        text = Path(path).read_text().strip()
         try:
-            return cls.from_seed_hex(text)
-        except (ValueError, CryptoError) as exc:
+            return cls.from_seed_hex(Path(path).read_text().strip())
+        except (ValueError, CryptoError) as exc:  # (UnicodeDecodeError is a ValueError)
             raise ValueError(f"{path}: not an Ed25519 key file (64 hex characters)") from exc
 
     def save(self, path: str | Path) -> None:

@@ -1,0 +1,86 @@
+"""A run's identity and its folder (orchestrator/identity.py, experiment.run_folder): what a
+repeated run shares with the first, and what keeps two runs from ever mixing."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import replace
+from multiprocessing import Pool
+from pathlib import Path
+
+import pytest
+
+from orchestrator import identity
+from orchestrator.experiment import ExperimentError, RunConfig, run_folder
+
+
+def test_the_run_id_follows_the_settings_that_shape_the_chain_and_nothing_else():
+    base = RunConfig(devices=8, roles=(4, 2, 2), rounds=3, seed=7)
+    rid = identity.run_id_for(base)
+    assert rid.startswith("r") and len(rid) == 17
+    # where the output goes and how this host runs the agents do not change a chain
+    same = replace(base, out=Path("/elsewhere"), broker="mqtt://h:1", threads=4, train_slots=1, metrics_port=0,
+                   join_timeout=5.0, train_device="cpu")  # fmt: skip
+    assert identity.run_id_for(same) == rid
+    for change in ({"seed": 8}, {"lr": 0.02}, {"malicious": 1}, {"attack": "sign_flip"}, {"rounds": 4},
+                   {"roles": (4, 3, 1)}, {"deadlines_s": (900, 300, 60)}, {"dataset": "fashion-mnist"}):  # fmt: skip
+        assert identity.run_id_for(replace(base, **change)) != rid, change
+
+
+def test_keys_are_derived_from_the_host_secret_the_run_and_the_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("BFL_HOME", str(tmp_path / "home"))
+    k = identity.derived_key("r1", "d00")
+    path = tmp_path / "home" / "host-secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(path.read_text().strip()) == 64
+    assert identity.derived_key("r1", "d00").public_hex == k.public_hex  # the secret is kept
+    assert len({identity.derived_key(r, n).public_hex for r in ("r1", "r2") for n in ("d00", "d01", "operator")}) == 6
+    # another host (another secret) derives other keys for the same run
+    monkeypatch.setenv("BFL_HOME", str(tmp_path / "other"))
+    assert identity.derived_key("r1", "d00").public_hex != k.public_hex
+
+
+def _secret_in(home: str) -> str:
+    os.environ["BFL_HOME"] = home
+    return identity.host_secret().hex()
+
+
+def test_runs_that_start_together_on_a_new_host_agree_on_one_secret(tmp_path):
+    with Pool(4) as pool:
+        secrets = pool.map(_secret_in, [str(tmp_path)] * 8)
+    assert len(set(secrets)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["host-secret"]  # no temporary file left
+
+
+def test_a_damaged_host_secret_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BFL_HOME", str(tmp_path))
+    (tmp_path / "host-secret").write_text("not hex\n")
+    with pytest.raises(ValueError, match="delete it to make a new one"):
+        identity.host_secret()
+
+
+def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(tmp_path):
+    root = tmp_path / "runs"
+    a = run_folder(None, "rabc", root=root)
+    b = run_folder(None, "rabc", root=root)  # the same run id again, maybe within the same second
+    assert a != b and a.is_dir() and b.is_dir() and a.parent == b.parent == root
+    assert "rabc" in a.name and (root / "latest").resolve() == b.resolve()
+    (root / "latest").unlink()
+    (root / "latest").mkdir()  # a folder an older version wrote there is left alone
+    c = run_folder(None, "rdef", root=root)
+    assert c.is_dir() and (root / "latest").is_dir() and not (root / "latest").is_symlink()
+
+
+def test_an_out_folder_with_anything_in_it_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "exp"
+    assert run_folder(out, "r1") == out and out.is_dir()  # new: created
+    assert run_folder(out, "r1") == out  # empty: fine
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(ExperimentError, match=r"--out .*not empty.*--overwrite"):
+        run_folder(out, "r1")
+    assert (out / "summary.json").exists()  # nothing was lost
+    assert run_folder(out, "r1", overwrite=True) == out and not any(out.iterdir())
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ExperimentError, match="is a file"):
+        run_folder(f, "r1", overwrite=True)
