@@ -222,3 +222,41 @@ def test_a_compact_block_on_another_kinds_topic_is_a_topic_mismatch():
     assert decode(pub.sent).kind == "block" and "content" in decode(pub.sent).body
     node.handle(Received(pub.topic.replace("/block/", "/wtx/"), pub.sent), net.now)
     assert node.drops["topic_mismatch"] == 1 and node.drops["malformed"] == 0
+
+
+def test_votes_in_flight_are_not_asked_for_nor_published_again():
+    """A miner asks for missing votes only once no new one came for WTX_PULL_S, and a
+    validator does not publish again a vote it sent less than WTX_PULL_S ago: the validators
+    vote at about the same time, and at 200 devices asking for votes still in flight made each
+    validator send its tx to every device again and again (10 GB a round)."""
+    from edge_agent.protocol import node as nd
+    from edge_agent.protocol.round import WTX_PULL_S, seed_of
+
+    net = SimNet(n=8, roles=(4, 2, 2), rounds=1)
+    r1 = ledger.roles_for(net.genesis, ledger.genesis_state(net.genesis))
+    (v, late), m = r1.validators, r1.miners[0]
+    net.lose = lambda dest, pub: dest == m and pub.topic.endswith(f"/vtx/{late}")
+    net.start()
+    net.run(until=lambda: v in (net.nodes[m].ctx.vtxs if net.nodes[m].ctx else {}))
+    miner = net.nodes[m]
+    heard = miner.ctx.vtx_last_at
+
+    def asked(now):
+        pubs = miner._pull_updates(now)
+        return [b for b in (parse(p.payload)["body"] for p in pubs)]
+
+    assert all(not b.get("vtx_of") for b in asked(heard + 1))
+    assert any(b.get("vtx_of") == [late] for b in asked(heard + WTX_PULL_S + 1))
+
+    validator = net.nodes[v]
+    sent = validator.my_vtx_at
+
+    def republished(now):
+        body = {"run": net.genesis.run, "kind": "sync", "round": 1, "sender": m, "vtx_of": [v], "blobs": [],
+                "nonce": seed_of(now, m, "test")}  # fmt: skip
+        req = sign(net.keys[m], body)
+        acts = validator.handle(nd.Received(f"bfl/v1/{net.genesis.run}/sync/{m}", req.payload()), now)
+        return [a for a in acts if isinstance(a, nd.Publish) and "/vtx/" in a.topic]
+
+    assert republished(sent + 1) == []  # in flight
+    assert len(republished(sent + WTX_PULL_S + 1)) == 1  # lost, then: published again

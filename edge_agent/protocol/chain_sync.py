@@ -171,7 +171,11 @@ class ChainSync:
         ctx.wtx_pulls += 1
         ctx.wtx_pull_at = now + WTX_PULL_S * 2 ** min(ctx.wtx_pulls, 6)
         missing = sorted(set(ctx.roles.workers) - ctx.workers_in())
-        vtx_of = sorted(set(ctx.roles.validators) - set(ctx.vtxs)) if ctx.roles.is_miner(self.me) else []
+        # votes are asked for only after WTX_PULL_S without a new one, as worker txs are: the
+        # validators vote at about the same time, and asking for votes in flight made each
+        # validator publish its tx to every device again (10 GB a round at 200 devices)
+        vtx_quiet = now - ctx.vtx_last_at >= WTX_PULL_S
+        vtx_of = sorted(set(ctx.roles.validators) - set(ctx.vtxs)) if ctx.roles.is_miner(self.me) and vtx_quiet else []
         # a blob whose tx came less than WTX_PULL_S ago is still in flight (a model is
         # megabytes; its tx a few hundred bytes): asking would have it sent to everyone twice
         blobs = sorted(h for h in ctx.models() - self.blobs if now - ctx.wtx_at.get(h, now) >= WTX_PULL_S)
@@ -224,9 +228,10 @@ class ChainSync:
         acts: list = []
         ctx = self.ctx
         current = ctx is not None and env.round == ctx.round
-        # (a worker tx published under WTX_PULL_S ago is in flight: the request crossed it)
+        # (a tx we published under WTX_PULL_S ago is in flight: the request crossed it)
         fresh_wtx = now - self.my_wtx_at < WTX_PULL_S
-        for mine, asked in ((None if fresh_wtx else self.my_wtx, wtx_of), (self.my_vtx, vtx_of)):
+        fresh_vtx = now - self.my_vtx_at < WTX_PULL_S
+        for mine, asked in ((None if fresh_wtx else self.my_wtx, wtx_of), (None if fresh_vtx else self.my_vtx, vtx_of)):
             if self.me in asked and mine is not None and current and mine.round == ctx.round:
                 # our tx was missed: publish it again (receivers dedupe by id)
                 acts.append(Publish(topic(self.run, mine.kind, self.me), mine.payload()))

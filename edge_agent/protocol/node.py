@@ -140,6 +140,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         self.future: dict[int, list[Received]] = {}
         self.my_wtx: Envelope | None = None  # re-published when a peer reports it missing
         self.my_wtx_at = 0.0  # ... unless we published it less than WTX_PULL_S ago (in flight)
+        self.my_vtx_at = 0.0  # (the same for our validator tx)
         self.my_vtx: Envelope | None = None
         self.seen: set[str] = set()
         self.blobs: set[str] = set()  # stored (named by a tx or block we hold)
@@ -434,6 +435,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
             ctx.wtx_pull_at = max(ctx.wtx_pull_at, now + WTX_PULL_S)
         else:
             if ctx.vtxs.setdefault(env.sender, env) is env:  # (not for an equivocator's second)
+                ctx.vtx_last_at = now
                 acts += self._fetch_named_txs(env, now)
         if self.incomplete:
             acts += self._retry_incomplete(now)
@@ -767,7 +769,7 @@ class Node(WorkerSteps, ValidatorSteps, MinerSteps, ChainSync, EvidenceBook):
         if ctx is None:
             return []
         if ev.task == "evaluate" and ctx.validator is ValidatorPhase.EVALUATING:
-            return self._publish_vtx(EvaluationDone(ctx.round, 0, None, {}))
+            return self._publish_vtx(EvaluationDone(ctx.round, 0, None, {}), now)
         if ev.task == "aggregate" and ctx.checking == ev.key:
             ctx.checking, ctx.chain = None, ChainPhase.WAITING
             self.invalid.add(ev.key)

@@ -281,6 +281,7 @@ class RoundCtx:
     wtx_pulls: int = 0  # asked so many times this round (the interval doubles)
     all_wtx_at: float = 0.0  # when every worker's tx had arrived
     wtx_at: dict[str, float] = field(default_factory=dict)  # model -> when the tx naming it came
+    vtx_last_at: float = 0.0  # when the latest new validator tx came (a miner asks after a silence)
     asked: set[str] = field(default_factory=set)  # worker tx ids a miner asked validators for
 
     def elapsed_ms(self, now: float) -> float:

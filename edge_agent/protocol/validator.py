@@ -35,10 +35,11 @@ class ValidatorSteps:
         if before is not None:
             ctx.validator = ValidatorPhase.VOTED
             ctx.vtxs[self.me] = self.my_vtx = before
+            self.my_vtx_at = now
             return [Publish(topic(self.run, "vtx", self.me), before.payload())]
         models = tuple(sorted(ctx.models() & self.blobs))
         if not models:
-            return self._publish_vtx(EvaluationDone(ctx.round, 0, None, {}))
+            return self._publish_vtx(EvaluationDone(ctx.round, 0, None, {}), now)
         ctx.validator = ValidatorPhase.EVALUATING
         want_trained = self.genesis.hp["vote_ref"] == "trained"
         return [
@@ -51,9 +52,9 @@ class ValidatorSteps:
         ctx = self.ctx
         if ctx is None or ev.round != ctx.round or ctx.validator is not ValidatorPhase.EVALUATING:
             return []
-        return self._publish_vtx(ev)
+        return self._publish_vtx(ev, now)
 
-    def _publish_vtx(self, ev: EvaluationDone) -> list:
+    def _publish_vtx(self, ev: EvaluationDone, now: float) -> list:
         """Enter VOTED: one vote on every worker tx held (a model not evaluated is voted down
         as unavailable), signed as this round's validator tx."""
         ctx = self.ctx
@@ -66,5 +67,5 @@ class ValidatorSteps:
         self.seen.add(env.id)
         self.slots[slot(env)] = self.signed[slot(env)] = env
         ctx.vtxs[self.me] = env
-        self.my_vtx = env
+        self.my_vtx, self.my_vtx_at = env, now
         return [Publish(topic(self.run, "vtx", self.me), env.payload())]
