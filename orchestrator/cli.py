@@ -44,8 +44,61 @@ def parse_deadlines(text: str) -> tuple[int, int, int]:
         raise
 
 
+#: options a config file may not set: where a run goes is chosen per invocation
+_NOT_IN_CONFIG = ("config", "out", "overwrite")
+
+
+def _load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
+    """``--config FILE``: its settings become the defaults of this invocation, so options
+    given on the command line override them (click's default_map)."""
+    if value is None:
+        return value
+    import tomllib
+
+    try:
+        data = tomllib.loads(value.read_text())
+    except OSError as exc:
+        fail(f"--config {value}: cannot read it ({exc.strerror})")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        fail(f"--config {value}: not a TOML file ({exc})")
+    table = data.get("run", data)  # the settings, at the top level or in a [run] table
+    known = {p.name: p for p in ctx.command.params if p.name not in _NOT_IN_CONFIG}
+    defaults = {}
+    for key, v in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            fail(f"--config {value}: unknown setting {key!r}; the settings are `bfl run`'s options, e.g. devices = 20")
+        v = ",".join(str(x) for x in v) if isinstance(v, list) else v
+        try:  # checked here so that a wrong value is one line naming the file (typer's own check: a usage box)
+            runtime = getattr(known[name], "get_runtime_param", None)
+            if runtime is not None and not isinstance(v, bool):
+                runtime().coerce(v, param=known[name], ctx=ctx)
+        except Exception as exc:  # typer's BadParameter (its click is vendored)
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            fail(f"--config {value}: {key} = {v!r}: {' '.join(message.split())}")
+        defaults[name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _write_config(path: Path, params: dict) -> None:
+    """OUT/config.toml: every setting this run used, so that ``bfl run --config`` repeats it."""
+    import tomli_w
+
+    kept = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(params.items())
+            if k not in _NOT_IN_CONFIG and v is not None}  # fmt: skip
+    path.write_text("# the settings of this run: `bfl run --config THIS_FILE` repeats it (options given with it override)\n"
+                    + tomli_w.dumps(kept))  # fmt: skip
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(
+        None, is_eager=True, callback=_load_config,
+        help="A TOML file of settings (the options below, e.g. devices = 20); options given here override it. "
+        "Every run writes the config.toml it used into its folder.",
+    ),  # fmt: skip
     protocol: str = typer.Option("pos-bfl", help="pos-bfl | vanilla (FedAvg, no validation) | pfedme (Dinh et al. 2020)."),
     devices: int = typer.Option(20, help="Number of devices."),
     roles: str = typer.Option("12,5,3", help="Workers, validators, miners per round."),
@@ -207,6 +260,7 @@ def run(
         cfg.out = run_folder(out, run_id_for(cfg), overwrite)
     except ExperimentError as exc:
         fail(str(exc))
+    _write_config(cfg.out / "config.toml", ctx.params)
     # plain text: no markup, so "[d03,d07]" (the rejected devices) is printed, not taken as a style
     console = Console(stderr=False, soft_wrap=True, markup=False, highlight=False)
     exp = Experiment(cfg, log=lambda m: console.print(m))

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -105,18 +106,22 @@ def _essence(summary: dict) -> tuple:
 
 
 def test_the_same_command_and_seed_repeat_the_run(tmp_path, mosquitto_broker):
-    """Twice the same command and --seed, on one broker (the first run's retained messages
-    are still there): the same run id, roles, votes, accuracies and blocks, and chain files
-    equal byte for byte; another seed gives another run."""
+    """A run, then the config.toml it wrote given back to `bfl run --config`, on one broker
+    (the first run's retained messages are still there): the same run id, roles, votes,
+    accuracies and blocks, and chain files equal byte for byte; the same config with another
+    --seed on the command line gives another run."""
     args = ["--devices", "6", "--roles", "3,2,1", "--malicious", "1", "--rounds", "3", "--model", "mlp",
             "--dataset", "fashion-mnist", "--samples-per-device", "200", "--deadlines", "120,60,60", "--quiet",
-            "--broker", mosquitto_broker]  # fmt: skip
+            "--broker", mosquitto_broker, "--seed", "4"]  # fmt: skip
+    config = str(tmp_path / "a" / "config.toml")
     summaries = []
-    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
-        proc = bfl("run", *args, "--seed", str(seed), "--out", str(tmp_path / name))
+    for name, how in (("a", args), ("b", ["--config", config]), ("c", ["--config", config, "--seed", "5"])):
+        proc = bfl("run", *how, "--out", str(tmp_path / name))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
     a, b, c = summaries
+    written = [tomllib.loads((tmp_path / x / "config.toml").read_text()) for x in "ab"]
+    assert written[0] == written[1] and "out" not in written[0] and written[0]["seed"] == 4
     assert _essence(a) == _essence(b)
     assert len({r["block_hash"] for r in a["rounds"]}) == 3 and a["stopped"] is None
     for dev in a["heads"]:

@@ -167,12 +167,12 @@ def test_bad_metrics_address_and_targets_folder_are_one_line_errors(tmp_path):
     blocker.write_text("")
     common = [
         sys.executable, "-m", "orchestrator.cli", "run", "--devices", "4", "--roles", "2,1,1", "--rounds", "1",
-        "--model", "mlp", "--dataset", "fashion-mnist", "--out", str(tmp_path / "run"), "--join-timeout", "5",
+        "--model", "mlp", "--dataset", "fashion-mnist", "--join-timeout", "5",
     ]  # fmt: skip
-    for extra, message in (
+    for i, (extra, message) in enumerate((
         (["--metrics-addr", "256.1.1.1"], "error: cannot bind metrics to 256.1.1.1:"),
         (["--metrics-port", str(free_ports(19600, 1)[0]), "--metrics-targets", str(blocker / "sub")], "error: --metrics-targets"),
-    ):
-        out = subprocess.run(common + extra, capture_output=True, text=True, timeout=120)
+    )):
+        out = subprocess.run(common + ["--out", str(tmp_path / f"run{i}")] + extra, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2, out.stdout + out.stderr
         assert "Traceback" not in out.stderr and out.stderr.strip().splitlines()[-1].startswith(message), out.stderr
