@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -91,74 +92,83 @@ def _write_config(path: Path, params: dict) -> None:
                     + tomli_w.dumps(kept))  # fmt: skip
 
 
+#: `bfl run --help` groups its options in these panels
+_EXPERIMENT = partial(typer.Option, rich_help_panel="Experiment")
+_DATA = partial(typer.Option, rich_help_panel="Data and model")
+_ATTACKS = partial(typer.Option, rich_help_panel="Attacks")
+_DEFENCE = partial(typer.Option, rich_help_panel="Defence (the paper's validation and consensus)")
+_NETWORK = partial(typer.Option, rich_help_panel="Network and compute")
+_METRICS = partial(typer.Option, rich_help_panel="Metrics")
+
+
 @app.command()
 def run(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(
+    config: Optional[Path] = _EXPERIMENT(
         None, is_eager=True, callback=_load_config,
         help="A TOML file of settings (the options below, e.g. devices = 20); options given here override it. "
         "Every run writes the config.toml it used into its folder.",
     ),  # fmt: skip
-    protocol: str = typer.Option("pos-bfl", help="pos-bfl | vanilla (FedAvg, no validation) | pfedme (Dinh et al. 2020)."),
-    devices: int = typer.Option(20, help="Number of devices."),
-    roles: str = typer.Option("12,5,3", help="Workers, validators, miners per round."),
-    malicious: int = typer.Option(0, help="How many devices are malicious (chosen with --seed)."),
-    malicious_ids: Optional[str] = typer.Option(
+    protocol: str = _EXPERIMENT("pos-bfl", metavar="CHOICE", help="pos-bfl | vanilla (FedAvg, no validation) | pfedme (Dinh et al. 2020)."),
+    devices: int = _EXPERIMENT(20, help="Number of devices."),
+    roles: str = _EXPERIMENT("12,5,3", help="Workers, validators, miners per round."),
+    malicious: int = _ATTACKS(0, help="How many devices are malicious (chosen with --seed)."),
+    malicious_ids: Optional[str] = _ATTACKS(
         None, help="Malicious devices by id instead, each with its own attack if given: d03=label_flip,d07."
     ),
-    attack: str = typer.Option(
+    attack: str = _ATTACKS(
         "gaussian",
         help="gaussian (N(0,1) on every parameter) | sign_flip | scale | lazy | label_flip (poisoned training); "
         "invert_votes | equivocate | withhold_blob | false_head | junk_votes | blob_spam (a byzantine insider on the "
         "wire, docs/security.md).",
     ),
-    rounds: int = typer.Option(10, help="Communication rounds (the paper runs 100)."),
-    dataset: str = typer.Option("mnist", help="mnist | fashion-mnist."),
-    data_dir: Optional[Path] = typer.Option(None, help="Directory with the IDX files."),
-    model: str = typer.Option("cnn", help="cnn (the paper's) | mlp (784-200-200-10)."),
-    partition: str = typer.Option("shards", help="shards (non-IID, the paper's) | iid | dirichlet."),
-    alpha: float = typer.Option(0.5, help="Dirichlet concentration for --partition dirichlet."),
-    samples_per_device: Optional[int] = typer.Option(None, help="Training samples per device (default: an even split)."),
-    test_per_device: Optional[int] = typer.Option(None, help="Test images per device (default 500)."),
-    local_epochs: int = typer.Option(5, help="Local epochs le."),
-    batch_size: int = typer.Option(10),
-    lr: float = typer.Option(0.01),
-    vh: float = typer.Option(0.08, help="Validator threshold of the accuracy drop (Algorithm 1)."),
-    vote_ref: str = typer.Option("median", help="Reference accuracy of the vote: median | global | trained."),
-    loss_guard: int = typer.Option(10, help="Also vote negative when an update's loss exceeds this x the round median (0: Algorithm 1 only)."),
-    aggregator: str = typer.Option("fedavg", help="G_j from the accepted updates: fedavg | median | trimmed_mean | multi_krum."),
-    krum_f: Optional[int] = typer.Option(None, help="Multi-Krum's assumed number of attackers f (default: --malicious)."),
-    knockout: int = typer.Option(3, help="Blacklist after this many consecutive rejected updates (0: never)."),
-    deadlines: str = typer.Option("900,300,120", help="Phase deadlines TRAIN,VALIDATE,MINE in seconds."),
-    broker: Optional[str] = typer.Option(
+    rounds: int = _EXPERIMENT(10, help="Communication rounds (the paper runs 100)."),
+    dataset: str = _DATA("mnist", metavar="CHOICE", help="mnist | fashion-mnist (offline, Debian's package)."),
+    data_dir: Optional[Path] = _DATA(None, help="Directory with the IDX files."),
+    model: str = _DATA("cnn", metavar="CHOICE", help="cnn (the paper's) | mlp (784-200-200-10)."),
+    partition: str = _DATA("shards", metavar="CHOICE", help="shards (non-IID, the paper's) | iid | dirichlet."),
+    alpha: float = _DATA(0.5, help="Dirichlet concentration for --partition dirichlet."),
+    samples_per_device: Optional[int] = _DATA(None, help="Training samples per device (default: an even split)."),
+    test_per_device: Optional[int] = _DATA(None, help="Test images per device (default 500)."),
+    local_epochs: int = _DATA(5, help="Local epochs le."),
+    batch_size: int = _DATA(10, help="Local mini-batch size B (the paper: 10)."),
+    lr: float = _DATA(0.01, help="Local SGD learning rate (the paper: 0.01)."),
+    vh: float = _DEFENCE(0.08, help="Validator threshold of the accuracy drop (Algorithm 1)."),
+    vote_ref: str = _DEFENCE("median", metavar="CHOICE", help="Reference accuracy of the vote: median | global | trained."),
+    loss_guard: int = _DEFENCE(10, help="Also vote negative when an update's loss exceeds this x the round median (0: Algorithm 1 only)."),
+    aggregator: str = _DEFENCE("fedavg", metavar="CHOICE", help="G_j from the accepted updates: fedavg | median | trimmed_mean | multi_krum."),
+    krum_f: Optional[int] = _DEFENCE(None, help="Multi-Krum's assumed number of attackers f (default: --malicious)."),
+    knockout: int = _DEFENCE(3, help="Blacklist after this many consecutive rejected updates (0: never)."),
+    deadlines: str = _DEFENCE("900,300,120", help="Phase deadlines TRAIN,VALIDATE,MINE in seconds."),
+    broker: Optional[str] = _NETWORK(
         None,
         help="mqtt://HOST:PORT of an existing broker; 'mosquitto' (a local Mosquitto for this run) or 'embedded' "
         "(amqtt inside bfl). Default: mosquitto when installed, else embedded.",
     ),
-    external: bool = typer.Option(False, help="Use agents already connected to --broker instead of starting them."),
-    operator_key: Optional[Path] = typer.Option(None, help="Operator key file (created if missing)."),
-    out: Optional[Path] = typer.Option(
+    external: bool = _NETWORK(False, "--external", help="Use agents already connected to --broker instead of starting them."),
+    operator_key: Optional[Path] = _NETWORK(None, help="Operator key file (created if missing)."),
+    out: Optional[Path] = _EXPERIMENT(
         None, help="Output folder, new or empty (default: a new runs/TIME-RUNID, with runs/latest pointing at it)."
     ),
-    overwrite: bool = typer.Option(False, help="Delete what an earlier run left in --out first."),
-    seed: int = typer.Option(
+    overwrite: bool = _EXPERIMENT(False, "--overwrite", help="Delete what an earlier run left in --out first."),
+    seed: int = _EXPERIMENT(
         0,
         help="Seed of the run: the data partition, the malicious devices, the initial model and, with the other "
         "settings, the run id and the local devices' keys (derived with a secret of this host), hence the roles, "
         "the training, the votes and every block. The same command and seed on this machine repeat the run.",
     ),
-    threads: int = typer.Option(1, help="CPU threads per local agent (ONNX inference) and per training job."),
-    train_slots: int = typer.Option(
+    threads: int = _NETWORK(1, help="CPU threads per local agent (ONNX inference) and per training job."),
+    train_slots: int = _NETWORK(
         0, min=0, help="Local agents: training jobs at once on this host's CPU (0: one per core). See `bfl-agent trainer`."
     ),
-    train_device: str = typer.Option("auto", help="Where training runs: auto (CUDA when torch sees a GPU), cpu or cuda."),
-    join_timeout: float = typer.Option(300, help="Seconds to wait for devices to connect."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
-    metrics_port: int = typer.Option(
+    train_device: str = _NETWORK("auto", metavar="CHOICE", help="Where training runs: auto (CUDA when torch sees a GPU), cpu or cuda."),
+    join_timeout: float = _NETWORK(300, help="Seconds to wait for devices to connect."),
+    quiet: bool = _EXPERIMENT(False, "--quiet", help="No progress bar."),
+    metrics_port: int = _METRICS(
         9400, min=0, max=65535, help="Serve the operator's Prometheus metrics on this port (the next free one if taken); local agents use the following free ports (0: off)."
     ),
-    metrics_addr: str = typer.Option("127.0.0.1", help="Address the metrics servers bind (0.0.0.0 in a container)."),
-    metrics_targets: Path = typer.Option(
+    metrics_addr: str = _METRICS("127.0.0.1", help="Address the metrics servers bind (0.0.0.0 in a container)."),
+    metrics_targets: Path = _METRICS(
         Path("runs/targets"), help="Folder for a Prometheus file_sd file per run (monitoring/prometheus-local.yml reads it)."
     ),
 ):
@@ -208,10 +218,10 @@ def run(
     from .experiment import run_folder
 
     ids = [d.split("=")[0] for d in malicious_ids.split(",") if d] if malicious_ids else None
-    width = max(2, len(str(devices - 1)))
-    unknown = [d for d in ids or [] if d not in {f"d{i:0{width}d}" for i in range(devices)}]
+    local_ids = RunConfig(devices=devices).device_ids()
+    unknown = [d for d in ids or [] if d not in local_ids]
     if unknown and not external:
-        fail(f"--malicious-ids names unknown devices {', '.join(unknown)}: the devices are d{0:0{width}d}..d{devices - 1:0{width}d}")
+        fail(f"--malicious-ids names unknown devices {', '.join(unknown)}: the devices are {local_ids[0]}..{local_ids[-1]}")
     cfg = RunConfig(
         protocol=protocol,
         devices=devices,
@@ -252,7 +262,13 @@ def run(
         metrics_targets=metrics_targets if metrics_port else None,
     )
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from .identity import run_id_for
 
@@ -300,6 +316,25 @@ def run(
         fail(reason)
     finally:
         exp.close()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("posbfl-testbed")
+        except metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        typer.echo(f"bfl (posbfl-testbed) {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="Print the version and exit."),
+) -> None:
+    """PoS-BFL testbed orchestrator."""
 
 
 @data_app.command("fetch")

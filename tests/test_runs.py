@@ -84,3 +84,31 @@ def test_an_out_folder_with_anything_in_it_is_refused_unless_overwrite(tmp_path)
     f.write_text("x")
     with pytest.raises(ExperimentError, match="is a file"):
         run_folder(f, "r1", overwrite=True)
+
+
+def test_run_help_reads_in_panels_with_every_option_described_and_bfl_has_a_version():
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    import typer
+
+    from orchestrator.cli import app
+
+    env = {**os.environ, "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "--help"], capture_output=True, text=True,
+                         env=env, timeout=60).stdout  # fmt: skip
+    for panel in ("Experiment", "Data and model", "Attacks", "Defence", "Network and compute", "Metrics"):
+        assert f"─ {panel}" in out, panel
+    run = typer.main.get_command(app).commands["run"]
+    for param in run.params:
+        if param.name == "help":
+            continue
+        assert param.help and param.help.strip(), f"--{param.name} has no help"
+        assert f" {param.opts[0]} " in out, f"{param.opts[0]} is cut off or missing"  # whole, at 80 columns
+    for choice in ("pos-bfl | vanilla", "cnn (the paper's) | mlp", "mnist | fashion-mnist", "auto (CUDA",
+                   "median | global | trained", "fedavg | median"):  # fmt: skip
+        assert choice in " ".join(out.replace("│", " ").split()), choice
+    version = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--version"], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert version.returncode == 0 and version.stdout.strip() == f"bfl (posbfl-testbed) {metadata.version('posbfl-testbed')}"
