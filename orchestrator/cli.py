@@ -427,14 +427,16 @@ def reproduce(
 
 @app.command()
 def report(
-    out: Path = typer.Argument(..., help="A folder written by `bfl reproduce` (rounds.csv, stakes.csv)."),
+    folder: Path = typer.Argument(..., help="A `bfl run` folder (summary.json) or a `bfl reproduce` one (rounds.csv, stakes.csv)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the CSVs, table.md and plots (default: FOLDER)."),
     experiment: Optional[str] = typer.Option(None, help="Only this experiment."),
 ):
-    """Rebuild the Markdown table and the plots from the CSVs, without rerunning."""
-    from .report import ReportError, build_report
+    """The Markdown table, per-round CSVs and the accuracy, stake and vote plots of a run or of
+    a reproduction, without rerunning."""
+    from .report import ReportError, report_folder
 
     try:
-        paths = build_report(out, experiment)
+        paths = report_folder(folder, out, experiment)
     except ReportError as exc:
         fail(str(exc))
         return

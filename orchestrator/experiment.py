@@ -22,7 +22,11 @@ from edge_agent.ml import blobs as bl
 from edge_agent.ml.arch import init_params
 from edge_agent.protocol.crypto import KeyPair
 from edge_agent.protocol.genesis import Genesis, make_genesis_body
-from edge_agent.protocol.ledger import MAX_BLOCK_BYTES, PROTOCOLS, worst_case_block_bytes
+from edge_agent.protocol.ledger import (
+    MAX_BLOCK_BYTES,
+    PROTOCOLS,
+    worst_case_block_bytes,
+)
 from edge_agent.protocol.messages import device_topic, sign, topic
 from edge_agent.transport import Mqtt
 
@@ -364,6 +368,37 @@ class LocalAgents:
             self.trainer = None
         if self.trainer_dir is not None:
             shutil.rmtree(self.trainer_dir, ignore_errors=True)
+
+
+def chain_rows(genesis: Genesis, blocks: list, rounds: list[dict], malicious, ident: dict) -> tuple[list[dict], list[dict]]:
+    """The report's rows of one run: per round (accuracy, decisions, votes) and per device and
+    round (stake), replaying ``blocks`` from the genesis; ``rounds`` are summary.json's."""
+    from edge_agent.protocol import ledger as lg
+    from edge_agent.protocol.messages import from_json
+
+    mal = set(malicious)
+    out_rounds, stakes = [], []
+    state = lg.genesis_state(genesis)
+    for res, blk in zip(rounds, blocks):
+        state, _ = lg.process_block(genesis, state, blk)
+        votes = [v for raw in blk.body["vtxs"] for v in from_json(raw).body["votes"]]
+        out_rounds.append(
+            {
+                **ident,
+                "round": res["round"],
+                "accuracy": round(res["accuracy"], 2),
+                "accepted": len(res["accepted"]),
+                "rejected": len(res["rejected"]),
+                "malicious_workers": len(mal & set(res["workers"])),
+                "malicious_accepted": len(mal & set(res["accepted"])),
+                "votes_positive": sum(1 for v in votes if v["positive"]),
+                "votes_negative": sum(1 for v in votes if not v["positive"]),
+                "seconds": round(res["seconds"], 2),
+            }
+        )
+        for d in genesis.device_ids:
+            stakes.append({**ident, "round": res["round"], "device": d, "stake": state.stake(d), "is_malicious": int(d in mal)})
+    return out_rounds, stakes
 
 
 def run_folder(out: Path | None, run_id: str, overwrite: bool = False, root: Path = Path("runs")) -> Path:
@@ -772,42 +807,12 @@ class Experiment:
 
     def csv_rows(self, experiment: str, setting: str, repeat: int) -> tuple[list[dict], list[dict]]:
         """Per-round rows (accuracy, decisions, votes) and per-device stakes, from the chain."""
-        from edge_agent.protocol import ledger as lg
-        from edge_agent.protocol.messages import from_json
-
         assert self.genesis is not None and self.observer is not None
-        mal = set(self.malicious)
-        honest = set(self.genesis.device_ids) - mal
-        ident = {
-            "experiment": experiment,
-            "setting": setting,
-            "protocol": self.cfg.protocol,
-            "malicious": len(mal),
-            "repeat": repeat,
-            "run_id": self.run_id,
-        }
-        rounds, stakes = [], []
-        state = lg.genesis_state(self.genesis)
-        for res, blk in zip(self.results, self.observer.chain(len(self.results), honest)):
-            state, _ = lg.process_block(self.genesis, state, blk)
-            votes = [v for raw in blk.body["vtxs"] for v in from_json(raw).body["votes"]]
-            rounds.append(
-                {
-                    **ident,
-                    "round": res.round,
-                    "accuracy": round(res.accuracy, 2),
-                    "accepted": len(res.accepted),
-                    "rejected": len(res.rejected),
-                    "malicious_workers": len(mal & set(res.workers)),
-                    "malicious_accepted": len(mal & set(res.accepted)),
-                    "votes_positive": sum(1 for v in votes if v["positive"]),
-                    "votes_negative": sum(1 for v in votes if not v["positive"]),
-                    "seconds": round(res.seconds, 2),
-                }
-            )
-            for d in self.genesis.device_ids:
-                stakes.append({**ident, "round": res.round, "device": d, "stake": state.stake(d), "is_malicious": int(d in mal)})
-        return rounds, stakes
+        honest = set(self.genesis.device_ids) - set(self.malicious)
+        ident = {"experiment": experiment, "setting": setting, "protocol": self.cfg.protocol,
+                 "malicious": len(self.malicious), "repeat": repeat, "run_id": self.run_id}  # fmt: skip
+        blocks = self.observer.chain(len(self.results), honest)
+        return chain_rows(self.genesis, blocks, [r.as_json() for r in self.results], self.malicious, ident)
 
     def write_summary(self, stopped: str | None = None) -> Path:
         """OUT/summary.json; ``stopped``: why the run ended before its last round."""

@@ -262,7 +262,7 @@ def fmt_mean_std(values: list[float]) -> str:
     if not values:
         return "n/a"
     mean, std = mean_std(values)
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {std:.1f}"  # one repeat: no spread to show
 
 
 def _span(values) -> str:
@@ -338,7 +338,7 @@ def _table_section(exp: str, runs: list[Run]) -> list[str]:
         "",
         f"Experiment `{exp}`: {len(runs)} run(s) found, {_span(n_repeats)} repeat(s) per cell, "
         f"{_span(n_rounds)} round(s) per run (max round {max((max(r.rounds) for r in runs), default=0)}). "
-        "Test accuracy in %, mean ± std over repeats (sample std, n−1; ± 0.0 with one repeat).",
+        "Test accuracy in %, mean ± std over repeats (sample std, n−1; a single repeat shows its value alone).",
         "",
     ]
     if exp in BY_MALICIOUS and len(settings) == 1:
@@ -602,6 +602,65 @@ class _Plotter:
 
 # ----------------------------------------------------------------------------------------------
 # entry point
+
+
+def rows_of_run(folder: Path) -> tuple[list[dict], list[dict]]:
+    """The rows.csv and stakes.csv rows of a single ``bfl run`` folder: its summary.json and
+    the chain one honest device kept on disk (replayed from the genesis)."""
+    import json
+
+    from edge_agent.protocol.genesis import Genesis
+    from edge_agent.store import ChainStore
+
+    from .experiment import chain_rows
+
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        run_id, malicious = summary["run_id"], summary["malicious"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ReportError(f"{folder / 'summary.json'}: not a summary of `bfl run` ({exc})") from None
+    blocks, genesis = [], None
+    for dev in sorted(set(summary.get("heads", {})) - set(malicious)):
+        store = ChainStore(folder / "agents" / dev / "runs", run_id)
+        env = store.load_genesis()
+        if env is not None:
+            genesis, blocks = Genesis(env), store.load_blocks()
+            if len(blocks) >= len(summary.get("rounds", [])):
+                break
+    if genesis is None:
+        raise ReportError(f"{folder}: no device's chain under agents/ (an --external run keeps them on the devices)")
+    roles = "/".join(str(x) for x in summary.get("roles", []))
+    ident = {"experiment": "run", "setting": f"{summary.get('devices')} devices {roles}",
+             "protocol": summary.get("protocol", "pos-bfl"), "malicious": len(malicious), "repeat": 0, "run_id": run_id}  # fmt: skip
+    return chain_rows(genesis, blocks, summary.get("rounds", []), malicious, ident)
+
+
+def report_folder(src: Path, dest: Path | None = None, experiment: str | None = None) -> list[Path]:
+    """``bfl report``: a ``bfl reproduce`` folder (rounds.csv, stakes.csv) or a ``bfl run``
+    folder (summary.json and the devices' chains); the CSVs, table and figures go to ``dest``
+    (default: ``src``)."""
+    import csv as _csv
+
+    from .reproduce import ROUND_FIELDS, STAKE_FIELDS
+
+    src = Path(src)
+    dest = Path(dest) if dest is not None else src
+    dest.mkdir(parents=True, exist_ok=True)
+    if (src / ROUNDS_CSV).exists():
+        if dest.resolve() != src.resolve():
+            for name in (ROUNDS_CSV, STAKES_CSV):
+                if (src / name).exists():
+                    (dest / name).write_bytes((src / name).read_bytes())
+    elif (src / "summary.json").exists():
+        rounds, stakes = rows_of_run(src)
+        for name, fields, rows in ((ROUNDS_CSV, ROUND_FIELDS, rounds), (STAKES_CSV, STAKE_FIELDS, stakes)):
+            with open(dest / name, "w", newline="") as f:
+                w = _csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(rows)
+    else:
+        raise ReportError(f"{src}: neither a `bfl run` folder (summary.json) nor a `bfl reproduce` one (rounds.csv)")
+    return build_report(dest, experiment)
 
 
 def build_report(out: Path, experiment: str | None = None) -> list[Path]:

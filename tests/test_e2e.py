@@ -4,6 +4,7 @@ broker and a real Mosquitto."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -129,6 +130,23 @@ def test_the_same_command_and_seed_repeat_the_run(tmp_path, mosquitto_broker):
         assert sorted(p.name for p in files[0].iterdir()) == sorted(p.name for p in files[1].iterdir())
         assert (files[0] / "chain.jsonl").read_bytes() == (files[1] / "chain.jsonl").read_bytes()
     assert c["run_id"] != a["run_id"] and c["heads"] != a["heads"]
+
+    # `bfl report` on a plain run folder, written elsewhere: the rows replay its chain
+    proc = bfl("report", str(tmp_path / "a"), "--out", str(tmp_path / "report"), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "report" / "rounds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["accuracy"]) for r in rows] == [r["accuracy"] for r in a["rounds"]]
+    assert [int(r["rejected"]) for r in rows] == [len(r["rejected"]) for r in a["rounds"]]
+    with open(tmp_path / "report" / "stakes.csv") as f:
+        last = {r["device"]: int(r["stake"]) for r in csv.DictReader(f) if r["round"] == "3"}
+    assert last == a["stakes"]
+    from matplotlib.image import imread
+
+    for name in ("accuracy", "stakes", "votes"):
+        img = imread(tmp_path / "report" / f"{name}.png")
+        assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 0.05, name  # a drawn figure
+    assert not (tmp_path / "a" / "table.md").exists()  # the run folder is left as it was
 
 
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])

@@ -113,7 +113,7 @@ def test_single_repeat_missing_protocol_and_empty_stakes(tmp_path):
     assert not (tmp_path / "stakes.png").exists()
     md = (tmp_path / "table.md").read_text()
     row = table_row(md, "12 W, 5 V, 3 M")
-    assert row == ["12 W, 5 V, 3 M", "11.0 ± 0.0", "n/a", "86.0 ± 0.0"]
+    assert row == ["12 W, 5 V, 3 M", "11.0", "n/a", "86.0"]  # one repeat: no spread shown
     assert "stakes.png not drawn" in md
     assert "1 malformed row(s) skipped" in md
 
@@ -166,5 +166,5 @@ def test_helpers():
     assert setting_label("12W,5V,3M") == "12 W, 5 V, 3 M"
     assert setting_label("mal=4") == "mal=4"
     assert fmt_mean_std([]) == "n/a"
-    assert fmt_mean_std([50.0]) == "50.0 ± 0.0"
+    assert fmt_mean_std([50.0]) == "50.0"
     assert fmt_mean_std([86.0, 88.0]) == "87.0 ± 1.4"
