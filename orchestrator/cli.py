@@ -368,10 +368,14 @@ def reproduce(
     rounds: Optional[int] = typer.Option(None, help="Override the profile's rounds."),
     dataset: Optional[str] = typer.Option(None, help="Override the profile's dataset."),
     data_dir: Optional[Path] = typer.Option(None),
-    samples_per_device: Optional[int] = typer.Option(None),
+    samples_per_device: Optional[int] = typer.Option(None, help="Override the profile's training samples per device."),
+    local_epochs: Optional[int] = typer.Option(None, help="Override the profile's local epochs."),
     broker: Optional[str] = typer.Option(None, help="mqtt://HOST:PORT (default: one embedded broker for all runs)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default results/EXPERIMENT-PROFILE)."),
-    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(
+        None, help="Output folder, new or empty (default: a new results/TIME-EXPERIMENT-PROFILE, results/latest pointing at it)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete what an earlier invocation left in --out first."),
+    seed: int = typer.Option(0, help="Seed of the first repeat (repeat r uses seed + r); the same seed repeats the runs."),
 ):
     """Regenerate a table or figure of the paper: runs, CSVs, Markdown table, PNG plots."""
     from .experiment import ExperimentError, RunConfig
@@ -393,8 +397,16 @@ def reproduce(
         prof["dataset"] = dataset
     if samples_per_device:
         prof["samples_per_device"] = samples_per_device
-    out = out or Path("results") / f"{experiment}-{profile}"
-    out.mkdir(parents=True, exist_ok=True)
+    if local_epochs is not None:
+        if local_epochs < 1:
+            fail(f"--local-epochs {local_epochs}: need at least 1")
+        prof["local_epochs"] = local_epochs
+    from .experiment import run_folder
+
+    try:  # each invocation its own folder: never appended to an earlier one's CSVs
+        out = run_folder(out, f"{experiment}-{profile}", overwrite, root=Path("results"))
+    except ExperimentError as exc:
+        fail(str(exc))
     base = RunConfig(devices=20, data_dir=data_dir, seed=seed, broker=broker, **prof)
     emb = None
     t0 = time.monotonic()

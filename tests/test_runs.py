@@ -112,3 +112,19 @@ def test_run_help_reads_in_panels_with_every_option_described_and_bfl_has_a_vers
     version = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--version"], capture_output=True, text=True,
                              timeout=60)  # fmt: skip
     assert version.returncode == 0 and version.stdout.strip() == f"bfl (posbfl-testbed) {metadata.version('posbfl-testbed')}"
+
+
+def test_reproduce_never_appends_to_an_earlier_invocations_folder(tmp_path):
+    import subprocess
+    import sys
+
+    earlier = tmp_path / "table4"
+    earlier.mkdir()
+    (earlier / "rounds.csv").write_text("experiment,setting\ntable4,12W\n")
+    for args, needle in ((["--out", str(earlier)], "not empty"), (["--local-epochs", "0"], "--local-epochs")):
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "reproduce", "table4", *args],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert (earlier / "rounds.csv").read_text() == "experiment,setting\ntable4,12W\n"
+    assert not (tmp_path / "results").exists()  # nothing started, no folder made
