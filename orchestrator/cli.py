@@ -191,8 +191,7 @@ def run(
                      (local_epochs >= 1, f"--local-epochs {local_epochs}: need at least 1"),
                      (batch_size >= 1, f"--batch-size {batch_size}: need at least 1"),
                      (lr > 0, f"--lr {lr}: must be > 0"),
-                     (0 <= vh <= 1, f"--vh {vh}: must be between 0 and 1 (a drop in accuracy, 0.08 = 8 points)"),
-                     (0 <= malicious <= devices, f"--malicious {malicious}: must be between 0 and --devices ({devices})")):  # fmt: skip
+                     (0 <= vh <= 1, f"--vh {vh}: must be between 0 and 1 (a drop in accuracy, 0.08 = 8 points)")):  # fmt: skip
         if not ok:
             fail(what)
     if data_dir is not None and not data_dir.is_dir():
@@ -215,19 +214,14 @@ def run(
             parse_broker_url(broker)
         except TransportError as exc:
             fail(str(exc))
-    from .experiment import run_folder
+    from .experiment import choose_malicious, run_folder
 
-    ids = [d.split("=")[0] for d in malicious_ids.split(",") if d] if malicious_ids else None
-    local_ids = RunConfig(devices=devices).device_ids()
-    unknown = [d for d in ids or [] if d not in local_ids]
-    if unknown and not external:
-        fail(f"--malicious-ids names unknown devices {', '.join(unknown)}: the devices are {local_ids[0]}..{local_ids[-1]}")
     cfg = RunConfig(
         protocol=protocol,
         devices=devices,
         roles=parse_roles(roles),
         malicious=malicious,
-        malicious_ids=ids,
+        malicious_ids=[d.split("=")[0] for d in malicious_ids.split(",") if d] if malicious_ids else None,
         attacks=dict(d.split("=", 1) for d in (malicious_ids or "").split(",") if "=" in d),
         attack=attack,
         rounds=rounds,
@@ -273,6 +267,8 @@ def run(
     from .identity import run_id_for
 
     try:
+        if not external:  # the operator's pick among the local devices, checked before any starts
+            choose_malicious(cfg, cfg.device_ids())
         cfg.out = run_folder(out, run_id_for(cfg), overwrite)
     except ExperimentError as exc:
         fail(str(exc))
