@@ -46,29 +46,48 @@ def parse_deadlines(text: str) -> tuple[int, int, int]:
 
 
 #: options a config file may not set: where a run goes is chosen per invocation
-_NOT_IN_CONFIG = ("config", "out", "overwrite")
+_NOT_IN_CONFIG = ("config", "resume", "out", "overwrite")
+#: what `bfl run --resume OUT` may set anew: how it runs here, not what it computes
+_RESUME_MAY_SET = ("resume", "quiet", "broker", "threads", "train_slots", "train_device", "join_timeout",
+                   "metrics_port", "metrics_addr", "metrics_targets")  # fmt: skip
 
 
 def _load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
     """``--config FILE``: its settings become the defaults of this invocation, so options
     given on the command line override them (click's default_map)."""
+    if value is not None:
+        _apply_config(ctx, value, f"--config {value}")
+    return value
+
+
+def _load_resume(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
+    """``--resume OUT``: the stopped run's own config.toml is this invocation's settings."""
     if value is None:
         return value
+    if not value.is_dir():
+        fail(f"--resume {value}: no such run folder (the OUT of a stopped `bfl run`)")
+    if not (value / "config.toml").is_file():
+        fail(f"--resume {value}: not the folder of a `bfl run` (it has no config.toml)")
+    _apply_config(ctx, value / "config.toml", f"--resume {value}: its config.toml")
+    return value
+
+
+def _apply_config(ctx: typer.Context, value: Path, what: str) -> None:
     import tomllib
 
     try:
         data = tomllib.loads(value.read_text())
     except OSError as exc:
-        fail(f"--config {value}: cannot read it ({exc.strerror})")
+        fail(f"{what}: cannot read it ({exc.strerror})")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        fail(f"--config {value}: not a TOML file ({exc})")
+        fail(f"{what}: not a TOML file ({exc})")
     table = data.get("run", data)  # the settings, at the top level or in a [run] table
     known = {p.name: p for p in ctx.command.params if p.name not in _NOT_IN_CONFIG}
     defaults = {}
     for key, v in table.items():
         name = key.replace("-", "_")
         if name not in known:
-            fail(f"--config {value}: unknown setting {key!r}; the settings are `bfl run`'s options, e.g. devices = 20")
+            fail(f"{what}: unknown setting {key!r}; the settings are `bfl run`'s options, e.g. devices = 20")
         v = ",".join(str(x) for x in v) if isinstance(v, list) else v
         try:  # checked here so that a wrong value is one line naming the file (typer's own check: a usage box)
             runtime = getattr(known[name], "get_runtime_param", None)
@@ -76,10 +95,9 @@ def _load_config(ctx: typer.Context, param, value: Optional[Path]) -> Optional[P
                 runtime().coerce(v, param=known[name], ctx=ctx)
         except Exception as exc:  # typer's BadParameter (its click is vendored)
             message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-            fail(f"--config {value}: {key} = {v!r}: {' '.join(message.split())}")
+            fail(f"{what}: {key} = {v!r}: {' '.join(message.split())}")
         defaults[name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
 
 
 def _write_config(path: Path, params: dict) -> None:
@@ -108,6 +126,11 @@ def run(
         None, is_eager=True, callback=_load_config,
         help="A TOML file of settings (the options below, e.g. devices = 20); options given here override it. "
         "Every run writes the config.toml it used into its folder.",
+    ),  # fmt: skip
+    resume: Optional[Path] = _EXPERIMENT(
+        None, is_eager=True, callback=_load_resume, metavar="OUT",
+        help="Continue the stopped run in OUT to its round count, with the settings of OUT/config.toml, from the "
+        "agents' chains on disk (only how it runs here may be set anew: --threads, --broker, metrics, ...).",
     ),  # fmt: skip
     protocol: str = _EXPERIMENT("pos-bfl", metavar="CHOICE", help="pos-bfl | vanilla (FedAvg, no validation) | pfedme (Dinh et al. 2020)."),
     devices: int = _EXPERIMENT(20, help="Number of devices."),
@@ -173,6 +196,15 @@ def run(
     ),
 ):
     """Run a PoS-BFL experiment and write OUT/summary.json."""
+    if resume is not None:
+        if config is not None:
+            fail("--resume OUT takes the settings of OUT/config.toml; drop --config")
+        for name in ctx.params:
+            if name not in _RESUME_MAY_SET and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE":
+                fail(f"--resume continues the run as {resume / 'config.toml'} says; --{name.replace('_', '-')} cannot "
+                     "change (start a new run for other settings)")  # fmt: skip
+        if external:
+            fail("--resume works with local agents; external devices continue when restarted with their workdir")
     from edge_agent.ml.data import DATASETS
     from edge_agent.protocol.genesis import VOTE_REFERENCES
 
@@ -269,14 +301,21 @@ def run(
     try:
         if not external:  # the operator's pick among the local devices, checked before any starts
             choose_malicious(cfg, cfg.device_ids())
-        cfg.out = run_folder(out, run_id_for(cfg), overwrite)
+        if resume is None:
+            cfg.out = run_folder(out, run_id_for(cfg), overwrite)
     except ExperimentError as exc:
         fail(str(exc))
-    _write_config(cfg.out / "config.toml", ctx.params)
+    if resume is None:
+        _write_config(cfg.out / "config.toml", ctx.params)
+    else:
+        cfg.out = resume
     # plain text: no markup, so "[d03,d07]" (the rejected devices) is printed, not taken as a style
     console = Console(stderr=False, soft_wrap=True, markup=False, highlight=False)
-    exp = Experiment(cfg, log=lambda m: console.print(m))
+    exp = Experiment(cfg, log=lambda m: console.print(m), resume=resume is not None)
+    stopped = True
     try:
+        if resume is not None:
+            exp.resume_progress()
         exp.setup()
         devices_info = exp.start_agents()
         exp.publish_genesis(devices_info)
@@ -288,7 +327,7 @@ def run(
             TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, disable=quiet, transient=True,
         ) as bar:  # fmt: skip
-            task = bar.add_task("rounds", total=cfg.rounds)
+            task = bar.add_task("rounds", total=cfg.rounds, completed=len(exp.results))
 
             def progress(r):
                 bad = [d for d in r.rejected if d in exp.malicious]
@@ -302,16 +341,17 @@ def run(
                 bar.advance(task)
 
             exp.watch(progress)
+        stopped = False
         path = exp.write_summary()
         console.print(f"summary: {path}")
     except (ExperimentError, KeyboardInterrupt) as exc:
         reason = str(exc) if isinstance(exc, ExperimentError) else "interrupted"
-        if exp.results:  # what finished is kept, and said so
+        if exp.results and exp.genesis is not None:  # what finished is kept, and said so
             path = exp.write_summary(stopped=reason)
-            reason += f"; {len(exp.results)} of {cfg.rounds} rounds are in {path}"
+            reason += f"; {len(exp.results)} of {cfg.rounds} rounds are in {path}; continue with: bfl run --resume {cfg.out}"
         fail(reason)
     finally:
-        exp.close()
+        exp.close(stopped)
 
 
 def _version(value: bool) -> None:

@@ -21,13 +21,16 @@ from edge_agent.byzantine import PROTOCOL_ATTACKS
 from edge_agent.ml import blobs as bl
 from edge_agent.ml.arch import init_params
 from edge_agent.protocol.crypto import KeyPair
-from edge_agent.protocol.genesis import Genesis, make_genesis_body
+from edge_agent.protocol import ledger
+from edge_agent.protocol.canonical import CanonicalError, parse
+from edge_agent.protocol.genesis import Genesis, load_genesis, make_genesis_body
 from edge_agent.protocol.ledger import (
     MAX_BLOCK_BYTES,
     PROTOCOLS,
     worst_case_block_bytes,
 )
-from edge_agent.protocol.messages import device_topic, sign, topic
+from edge_agent.protocol.messages import Drop, device_topic, from_json, sign, topic
+from edge_agent.store import ChainStore
 from edge_agent.transport import Mqtt
 
 from .identity import derived_key, run_id_for
@@ -36,6 +39,11 @@ from .observer import Observer, RoundResult
 
 class ExperimentError(Exception):
     """A one-line, actionable failure of the experiment set-up."""
+
+
+#: OUT/rounds.jsonl: each finished round's result, appended (and fsync'd) as it finishes, so
+#: that a stopped run keeps its rounds and ``bfl run --resume OUT`` knows where to go on
+ROUNDS_LOG = "rounds.jsonl"
 
 
 def data_files(cfg: RunConfig) -> list[dict]:
@@ -440,8 +448,11 @@ def run_folder(out: Path | None, run_id: str, overwrite: bool = False, root: Pat
 class Experiment:
     """The operator's side of one run. ``progress(result)`` is called once per round."""
 
-    def __init__(self, cfg: RunConfig, log=print):
+    def __init__(self, cfg: RunConfig, log=print, resume: bool = False):
         self.cfg = cfg
+        self.resume = resume  # continue the stopped run in cfg.out (see resume_progress)
+        self.resumed_at: list[int] = []  # the rounds after which this run was resumed
+        self.earlier_wall_s = 0.0  # the wall time of its earlier parts
         self.log = log
         self.out = Path(cfg.out)
         self.run_id = cfg.run_id or run_id_for(cfg)  # the same settings and seed, the same id
@@ -459,10 +470,16 @@ class Experiment:
         self.metrics_port = 0
         self.targets_file: Path | None = None
         self.started = time.time()
+        self.started_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
+        self.saved_genesis = None  # a resumed run's genesis, published again as it was
+        self.settled: list = []  # a resumed run's blocks up to where it stopped
 
     # -- set-up --
 
     def _operator_key(self) -> KeyPair:
+        saved = self.out / "keys" / "operator.key"
+        if self.resume and self.cfg.operator_key is None and saved.exists():
+            return KeyPair.load(saved)  # the key that signed its genesis (another host's secret gives another)
         if self.cfg.operator_key is not None:
             path = self.cfg.operator_key
             if path.exists():
@@ -510,7 +527,8 @@ class Experiment:
                 raise ExperimentError(f"attack {name!r}: choose one of {', '.join(ATTACKS)}")
         spec = data_spec(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.operator = self._operator_key()
+        if not self.resume:
+            self.operator = self._operator_key()
         url = cfg.broker
         if url is None or url == "mosquitto":
             # a local Mosquitto (C, one process) when installed: it moves the round's blobs
@@ -543,6 +561,7 @@ class Experiment:
         except TransportError as exc:
             raise ExperimentError(str(exc)) from None
         self.observer = Observer(self.mqtt)
+        self.observer.settle(self.settled)
         self.observer.watch_devices()
         self.spec = spec
         if cfg.metrics_port:
@@ -605,7 +624,8 @@ class Experiment:
             keys = {}
             for dev in cfg.device_ids():
                 path = self.out / "keys" / f"{dev}.key"
-                derived_key(self.run_id, dev).save(path)  # (orchestrator/identity.py)
+                if not (self.resume and path.exists()):  # a resumed run's devices keep their keys
+                    derived_key(self.run_id, dev).save(path)  # (orchestrator/identity.py)
                 keys[dev] = path
             wanted = {d: KeyPair.load(p).public_hex for d, p in keys.items()}
             obs.admit(wanted)  # their hello and status count only when signed with these keys
@@ -655,31 +675,12 @@ class Experiment:
         if len(trainers) < cfg.roles[0]:
             raise ExperimentError(f"only {len(trainers)} devices can train (torch installed) but |W| = {cfg.roles[0]}")
         self.malicious = choose_malicious(cfg, sorted(devices), trainers)
-        init = bl.encode(init_params(cfg.model, cfg.seed))
-        body = make_genesis_body(
-            run=self.run_id,
-            operator=self.operator.public_hex,
-            devices=devices,
-            roles=cfg.roles,
-            rounds=cfg.rounds,
-            arch=cfg.model,
-            init_model=bl.blob_hash(init),
-            init_seed=cfg.seed,
-            data=self.spec,
-            lr_e6=round(cfg.lr * 1e6),
-            batch_size=cfg.batch_size,
-            local_epochs=cfg.local_epochs,
-            vh_bp=round(cfg.vh * 10000),
-            unit_reward=cfg.unit_reward,
-            knockout=cfg.knockout,
-            vote_ref=cfg.vote_ref,
-            loss_guard=cfg.loss_guard,
-            aggregator=cfg.aggregator,
-            krum_f=cfg.krum_f if cfg.krum_f is not None else len(self.malicious),
-            protocol=cfg.protocol,
-            deadlines_ms={k: s * 1000 for k, s in zip(("train", "validate", "mine"), cfg.deadlines_s)},
-        )  # (no wall-clock time in it: a repeated run has the same genesis; summary.json has the times)
-        env = sign(self.operator, body)
+        if self.saved_genesis is not None:
+            env = self.saved_genesis
+            if {d: devices[d]["pubkey"] for d in devices} != {d: env.body["devices"][d]["pubkey"] for d in env.body["devices"]}:
+                raise ExperimentError(f"--resume {self.out}: the devices that joined are not the ones in its genesis")
+        else:
+            env = sign(self.operator, self._genesis_body(devices))
         self.genesis = Genesis(env)
         # a run with this id may have run on this broker before (the same settings and seed):
         # its retained heads and commands must not reach this one
@@ -705,6 +706,142 @@ class Experiment:
         if self.metrics is not None:
             self.metrics.started(self.run_id, cfg, sorted(devices), {d: cfg.attack_of(d) for d in self.malicious})
 
+    def _genesis_body(self, devices: dict[str, dict]) -> dict:
+        cfg = self.cfg
+        init = bl.encode(init_params(cfg.model, cfg.seed))
+        return make_genesis_body(
+            run=self.run_id,
+            operator=self.operator.public_hex,
+            devices=devices,
+            roles=cfg.roles,
+            rounds=cfg.rounds,
+            arch=cfg.model,
+            init_model=bl.blob_hash(init),
+            init_seed=cfg.seed,
+            data=self.spec,
+            lr_e6=round(cfg.lr * 1e6),
+            batch_size=cfg.batch_size,
+            local_epochs=cfg.local_epochs,
+            vh_bp=round(cfg.vh * 10000),
+            unit_reward=cfg.unit_reward,
+            knockout=cfg.knockout,
+            vote_ref=cfg.vote_ref,
+            loss_guard=cfg.loss_guard,
+            aggregator=cfg.aggregator,
+            krum_f=cfg.krum_f if cfg.krum_f is not None else len(self.malicious),
+            protocol=cfg.protocol,
+            deadlines_ms={k: s * 1000 for k, s in zip(("train", "validate", "mine"), cfg.deadlines_s)},
+        )  # (no wall-clock time in it: a repeated run has the same genesis; summary.json has the times)
+
+    # -- resuming a stopped run --
+
+    def resume_progress(self) -> int:
+        """Before the agents start again: take up the stopped run in OUT where it stopped.
+
+        The rounds it finished are read from OUT/rounds.jsonl (or an older run's
+        summary.json) and kept as far as their blocks form a valid chain from OUT/genesis.json,
+        found in the agents' chain files and replayed with the devices' ``process_block``.
+        Each agent's chain file is cut back to that chain (an agent may have appended the
+        next round's block before the run stopped: the operator never saw that round's
+        reports, so the round is run again -- each device re-publishes what it signed for it,
+        never signing anew, as after a crash), and the run's models (``OUT/blobs``) are
+        hard-linked back into every agent's store. Returns the number of rounds kept.
+        """
+        out = self.out
+        self.operator = self._operator_key()
+        try:
+            env = from_json(parse((out / "genesis.json").read_bytes()))
+            genesis = load_genesis(env, self.operator.public_hex)
+        except FileNotFoundError:
+            raise ExperimentError(f"--resume {out}: it has no genesis.json (the run stopped before it began); start it anew") from None
+        except (OSError, CanonicalError, Drop, ValueError) as exc:
+            raise ExperimentError(f"--resume {out}: its genesis.json does not verify ({exc})") from None
+        if genesis.run != self.run_id:
+            raise ExperimentError(
+                f"--resume {out}: its genesis is of run {genesis.run}, but its config.toml gives run {self.run_id} (was config.toml edited?)"
+            )
+        done = self._finished_rounds()
+        by_id = {}
+        for chain in sorted((out / "agents").glob(f"*/runs/{genesis.run}/chain.jsonl")):
+            for blk in ChainStore(chain.parent.parent, genesis.run).load_blocks():
+                by_id.setdefault(blk.id, blk)
+        state, blocks = ledger.genesis_state(genesis), []
+        for r in done:
+            blk = by_id.get(r.get("block_hash"))
+            if blk is None or r.get("round") != len(blocks) + 1:
+                break
+            try:
+                state, _ = ledger.process_block(genesis, state, blk)
+            except ledger.InvalidBlock:
+                break
+            blocks.append(blk)
+        if len(blocks) >= genesis.rounds:
+            raise ExperimentError(f"--resume {out}: the run finished all its {genesis.rounds} rounds; nothing to continue")
+        ids = [b.id for b in blocks]
+        for chain in sorted((out / "agents").glob(f"*/runs/{genesis.run}/chain.jsonl")):
+            store = ChainStore(chain.parent.parent, genesis.run)
+            mine = store.load_blocks()
+            keep = 0
+            while keep < min(len(mine), len(ids)) and mine[keep].id == ids[keep]:
+                keep += 1
+            if keep != len(mine):
+                store.rewrite(mine[:keep])
+        linked = self._blobs_back_to_agents()
+        self.saved_genesis = env
+        self.results = [RoundResult.from_json(r) for r in done[: len(blocks)]]
+        self.settled = blocks  # (the observer's, from setup on)
+        self.resumed_at.append(len(blocks))
+        self._truncate_rounds_log(len(blocks))
+        self.log(f"resuming run {genesis.run} after round {len(blocks)} of {genesis.rounds} ({linked} model files linked back)")
+        return len(blocks)
+
+    def _finished_rounds(self) -> list[dict]:
+        earlier = {}
+        try:
+            earlier = json.loads((self.out / "summary.json").read_text())
+        except (OSError, ValueError):
+            pass
+        if isinstance(earlier, dict):
+            self.started_utc = earlier.get("started_utc", self.started_utc)
+            self.earlier_wall_s = float(earlier.get("wall_s", 0) or 0)
+            self.resumed_at = list(earlier.get("resumed_at", []))
+        rounds = []
+        try:
+            for line in (self.out / ROUNDS_LOG).read_text().splitlines():
+                try:
+                    rounds.append(json.loads(line))
+                except ValueError:
+                    break  # a torn last line: that round is run again
+        except FileNotFoundError:
+            rounds = list(earlier.get("rounds", [])) if isinstance(earlier, dict) else []
+        return [r for r in rounds if isinstance(r, dict)]
+
+    def _blobs_back_to_agents(self) -> int:
+        """Hard-link OUT/blobs (where ``close`` gathered the agents' models) into each
+        agent's store again: the next round starts from the last G_j."""
+        src = sorted((self.out / "blobs").glob("*/*.safetensors"))
+        n = 0
+        for dev in self.cfg.device_ids():
+            for f in src:
+                dest = bl.blob_path(self.out / "agents" / dev / "blobs", f.stem)
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(f, dest)
+                    n += 1
+        return n
+
+    def _truncate_rounds_log(self, n: int) -> None:
+        lines = [r.as_json() for r in self.results[:n]]
+        tmp = self.out / f".{ROUNDS_LOG}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        os.replace(tmp, self.out / ROUNDS_LOG)
+
+    def _log_round(self, res: RoundResult) -> None:
+        with open(self.out / ROUNDS_LOG, "a") as f:
+            f.write(json.dumps(res.as_json()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
     # -- the run --
 
     def watch(self, progress=lambda r: None) -> None:
@@ -715,7 +852,7 @@ class Experiment:
         honest = devices - set(self.malicious)
         round_budget = sum(cfg.deadlines_s) + 120
         t_prev = time.monotonic()
-        for j in range(1, cfg.rounds + 1):
+        for j in range(len(self.results) + 1, cfg.rounds + 1):
             end = time.monotonic() + round_budget
             while True:
                 obs.pump(0.25)
@@ -735,6 +872,7 @@ class Experiment:
                 raise ExperimentError(f"round {j}: the block the devices report is unknown to the observer")
             t_prev = now
             self.results.append(res)
+            self._log_round(res)
             if self.metrics is not None:
                 self.metrics.round_done(self.run_id, res, set(self.malicious))
             progress(res)
@@ -785,8 +923,9 @@ class Experiment:
             "operator_drops": dict(sorted(obs.drops.items())),
             # seconds from starting the agents (or waiting for them) until all had said hello
             "agents_ready_s": round(self.agents_ready_s, 1),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
-            "wall_s": round(time.time() - self.started, 1),
+            "started_utc": self.started_utc,
+            "wall_s": round(self.earlier_wall_s + time.time() - self.started, 1),  # every part of a resumed run
+            "resumed_at": self.resumed_at,  # after which rounds it was resumed (bfl run --resume)
             "final_model": self._final_model(),
             "data_files": data_files(self.cfg),
             "versions": versions(self.broker_kind if self.broker else None),
@@ -819,20 +958,24 @@ class Experiment:
         data = self.summary()
         data["rounds_requested"] = self.cfg.rounds
         data["stopped"] = stopped
+        if stopped:
+            data["continue_with"] = f"bfl run --resume {self.out}"
         path = self.out / "summary.json"
         tmp = path.with_name(".summary.json.tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)  # never a half-written summary
         return path
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
+        """Stop everything this run started. ``stopped``: the run ends before its last round
+        (Ctrl-C, an error), so its agents are stopped now rather than let finish it."""
         if self.mqtt is not None and self.genesis is not None:
             # clear retained run state so later agents on this broker do not join a finished run
             for dev in self.malicious:
                 self.mqtt.publish(topic(self.run_id, "cmd", dev), b"", retain=True)
             self.mqtt.publish(topic(self.run_id, "genesis"), b"", retain=True, wait=5)
         if self.agents is not None:
-            self.agents.stop()
+            self.agents.stop(grace=0 if stopped else 20)
             kept, removed = self.agents.consolidate_blobs()
             if removed:
                 self.log(f"blobs: {kept} distinct of {removed} agent copies kept in {self.out / 'blobs'}")

@@ -106,6 +106,18 @@ class RoundResult:
             "timings": self.timings,
         }
 
+    @classmethod
+    def from_json(cls, d: dict) -> "RoundResult":
+        """The inverse of :meth:`as_json` (a stopped run's rounds, read back to resume it)."""
+        return cls(
+            round=int(d["round"]), accuracy=float(d["accuracy"]), accepted=list(d["accepted"]),
+            rejected=list(d["rejected"]), workers=list(d["workers"]), winner=str(d["winner"]),
+            block_hash=str(d["block_hash"]), seconds=float(d["seconds"]),
+            train_ms_max=round(float(d.get("train_seconds_max", 0)) * 1000),
+            devices_reporting=int(d.get("devices_reporting", 0)), agree=bool(d.get("heads_agree", True)),
+            timings=dict(d.get("timings", {})),
+        )  # fmt: skip
+
 
 @dataclass
 class Observer:
@@ -121,6 +133,13 @@ class Observer:
     admitted: dict[str, str] = field(default_factory=dict)  # device -> public key
     txs: dict[str, object] = field(default_factory=dict)  # id -> worker / validator tx of recent rounds
     incomplete: dict[str, tuple] = field(default_factory=dict)  # id -> (topic, compact block lacking a tx)
+    settled: list = field(default_factory=list)  # blocks of heights 1.. agreed before a resume
+
+    def settle(self, blocks: list) -> None:
+        """The chain of a resumed run up to where it stopped (no reports of those rounds come)."""
+        self.settled = list(blocks)
+        for b in blocks:
+            self.blocks[b.id] = b
 
     def watch_devices(self) -> None:
         self.mqtt.subscribe(f"{PREFIX}/devices/+/hello", f"{PREFIX}/devices/+/status")
@@ -258,6 +277,8 @@ class Observer:
 
     def agreed_block(self, height: int, honest: set[str]):
         """The block most honest devices report as their head at ``height``."""
+        if height <= len(self.settled):
+            return self.settled[height - 1], True
         heads = Counter(r["head"] for d, r in self.reports.get(height, {}).items() if d in honest)
         if not heads:
             return None, False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tomllib
@@ -148,6 +149,32 @@ def test_the_same_command_and_seed_repeat_the_run(tmp_path, mosquitto_broker):
         assert img.shape[0] > 200 and img.shape[1] > 300 and img.std() > 0.05, name  # a drawn figure
     assert not (tmp_path / "a" / "table.md").exists()  # the run folder is left as it was
 
+    # the same command stopped by Ctrl-C after round 1, then `bfl run --resume`: it goes on
+    # from the agents' chains on disk and ends with run a's chain, which verifies as one
+    d = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", *args, "--out", str(d)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    printed = []
+    for line in proc.stdout:
+        printed.append(line)
+        if line.startswith("round   1") and len([x for x in printed if x.startswith("round   1")]) == 1:
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 2, "".join(printed)
+    stopped = json.loads((d / "summary.json").read_text())
+    assert stopped["stopped"] == "interrupted" and stopped["continue_with"] == f"bfl run --resume {d}"
+    assert 1 <= len(stopped["rounds"]) < 3 and f"continue with: bfl run --resume {d}" in "".join(printed)
+    proc = bfl("run", "--resume", str(d))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    resumed = json.loads((d / "summary.json").read_text())
+    assert _essence(resumed) == _essence(a) and resumed["stopped"] is None
+    assert resumed["resumed_at"] == [len(stopped["rounds"])] and resumed["started_utc"] == stopped["started_utc"]
+    for dev in a["heads"]:
+        files = [tmp_path / x / "agents" / dev / "runs" / a["run_id"] / "chain.jsonl" for x in ("a", "d")]
+        assert files[0].read_bytes() == files[1].read_bytes()
+    proc = bfl("verify", str(d), timeout=120)
+    assert proc.returncode == 0 and "verified: all" in proc.stdout, proc.stdout[-3000:]
+
 
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
 def test_small_run_over_real_broker(broker, tmp_path, request):
@@ -265,6 +292,12 @@ def _junk_key(tmp: Path) -> str:
     return str(tmp / "junk.key")
 
 
+def _stopped_run(tmp: Path) -> str:
+    (tmp / "old").mkdir()
+    (tmp / "old" / "config.toml").write_text('rounds = 3\ndataset = "fashion-mnist"\n')
+    return str(tmp / "old")
+
+
 def _earlier_run(tmp: Path) -> str:
     (tmp / "old").mkdir()
     (tmp / "old" / "summary.json").write_text("{}")
@@ -284,6 +317,9 @@ def _earlier_run(tmp: Path) -> str:
         (lambda t: ["--lr", "0"], "--lr"),
         (lambda t: ["--vh", "2"], "--vh"),
         (lambda t: ["--local-epochs", "0"], "--local-epochs"),
+        (lambda t: ["--resume", str(t / "missing")], "no such run folder"),
+        (lambda t: ["--resume", _earlier_run(t)], "has no config.toml"),
+        (lambda t: ["--resume", _stopped_run(t), "--rounds", "5"], "cannot change"),
     ],
 )
 def test_mistakes_are_one_line_errors_before_anything_starts(make_args, needle, tmp_path):
