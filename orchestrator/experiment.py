@@ -41,6 +41,11 @@ class ExperimentError(Exception):
     """A one-line, actionable failure of the experiment set-up."""
 
 
+#: seconds ``bfl run --external`` waits, once enough devices announced themselves but some
+#: trust another operator key, for others before it says so and stops
+OTHERS_GRACE_S = 3.0
+
+
 #: OUT/rounds.jsonl: each finished round's result, appended (and fsync'd) as it finishes, so
 #: that a stopped run keeps its rounds and ``bfl run --resume OUT`` knows where to go on
 ROUNDS_LOG = "rounds.jsonl"
@@ -642,8 +647,12 @@ class Experiment:
                               self.broker_kind if self.broker else "")  # fmt: skip
             self.log(f"started {len(keys)} local agents (logs in {self.out / 'agents'})")
         end = time.monotonic() + cfg.join_timeout
+        others_since = None  # when enough devices were there, some of them another operator's
         while True:
             obs.pump(0.5)
+            # devices that trust another operator key would drop this run's genesis
+            others = {d: h["operator"] for d, h in obs.hellos.items()
+                      if d not in obs.offline and h.get("operator", self.operator.public_hex) != self.operator.public_hex}  # fmt: skip
             if wanted is not None:
                 ready = {d for d in wanted if obs.hellos.get(d, {}).get("pubkey") == wanted[d] and d not in obs.offline}
                 if len(ready) == len(wanted):
@@ -654,9 +663,15 @@ class Experiment:
                         f"agent(s) {', '.join(dead)} exited at start-up; see {self.out / 'agents' / dead[0] / 'agent.log'}"
                     )
             else:
-                ready = {d for d in obs.hellos if d not in obs.offline}
+                ready = {d for d in obs.hellos if d not in obs.offline} - set(others)
                 if len(ready) >= cfg.devices:
                     break
+                if others and len(ready) + len(others) >= cfg.devices:
+                    others_since = others_since or time.monotonic()
+                    if time.monotonic() - others_since > OTHERS_GRACE_S:
+                        raise ExperimentError(self._operator_mismatch(others))
+                else:
+                    others_since = None
             if time.monotonic() > end:
                 missing = sorted(set(wanted or []) - ready) if wanted else []
                 raise ExperimentError(
@@ -667,6 +682,26 @@ class Experiment:
             return {d: {"pubkey": wanted[d], "caps": obs.hellos[d]["caps"]} for d in sorted(wanted)}
         chosen = sorted(ready)[: cfg.devices]
         return {d: {"pubkey": obs.hellos[d]["pubkey"], "caps": obs.hellos[d]["caps"]} for d in chosen}
+
+    def _operator_mismatch(self, others: dict[str, str]) -> str:
+        """Why ``others`` (device -> the operator key it trusts) will not join, and what to do."""
+        mine = self.operator.public_hex
+        theirs = sorted(set(others.values()))
+        devs = sorted(others)
+        text = (f"device{'s' if len(devs) > 1 else ''} {', '.join(devs[:6])}{' ...' if len(devs) > 6 else ''} "
+                f"trust{'' if len(devs) > 1 else 's'} the operator key {theirs[0][:16]}..., not this run's "
+                f"{mine[:16]}...")  # fmt: skip
+        path = self.cfg.operator_key
+        try:
+            held = path.read_text().strip().lower() if path is not None else None
+        except (OSError, UnicodeDecodeError):
+            held = None
+        if held in theirs:
+            return (f"--operator-key {path}: holds the operator's public key, which the devices were given; "
+                    f"bfl run needs the operator's secret key file ({text})")  # fmt: skip
+        where = f"--operator-key {path}" if path is not None else "this run's own operator key"
+        return (f"{where}: {text}; give --operator-key the secret key file whose public key the devices have, "
+                f"or restart them with --operator-key {mine}")  # fmt: skip
 
     def publish_genesis(self, devices: dict[str, dict]) -> None:
         cfg = self.cfg

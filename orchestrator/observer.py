@@ -49,7 +49,7 @@ COUNT = int_in(0, MAX_SAFE_INT)
 #: checked with ``messages.require_fields`` before any of them is used. A public key is 64
 #: lowercase hex digits, as a SHA-256 is.
 FIELDS: dict[str, tuple[dict, dict]] = {
-    "hello": ({"pubkey": valid_hash, "caps": list_of(one_of(*CAPABILITIES))}, {}),
+    "hello": ({"pubkey": valid_hash, "caps": list_of(one_of(*CAPABILITIES))}, {"operator": valid_hash}),
     "status": ({"state": one_of("online", "offline")}, {}),
     "ack": ({}, {}),
     "wtx": ({}, {}),  # kept only to rebuild compact blocks (messages.decode_block)

@@ -398,3 +398,47 @@ def test_killed_agent_restarts_from_disk_and_catches_up(tmp_path, mosquitto_brok
     assert all(c == chains["e0"] for c in chains.values()), {d: len(c) for d, c in chains.items()}
     log = (tmp_path / f"{victim}.log").read_text()
     assert log.count("joined run") == 2  # joined, was killed, rejoined from its chain on disk
+
+
+@pytest.mark.parametrize("given", ["public", "another"])
+def test_an_operator_key_the_devices_reject_is_reported_within_seconds(given, tmp_path, mosquitto_broker):
+    """Three real devices trust the operator's public key. `bfl run --external` given that
+    public key file as --operator-key (the same 64-hex format as a secret one), or another
+    operator's secret key, would publish a genesis they all drop; it says so in one line, a
+    few seconds after they announced themselves, instead of waiting."""
+    import time
+
+    from edge_agent.protocol.crypto import KeyPair
+
+    operator = KeyPair.generate()
+    (tmp_path / "operator.pub").write_text(operator.public_hex + "\n")
+    KeyPair.generate().save(tmp_path / "other.key")
+    agents = []
+    for dev in ("x0", "x1", "x2"):
+        KeyPair.generate().save(tmp_path / f"{dev}.key")
+        agents.append(subprocess.Popen(
+            [sys.executable, "-m", "edge_agent.cli", "run", "--id", dev, "--key", str(tmp_path / f"{dev}.key"),
+             "--broker", mosquitto_broker, "--operator-key", operator.public_hex, "--workdir", str(tmp_path / dev)],
+            stdout=open(tmp_path / f"{dev}.log", "ab"), stderr=subprocess.STDOUT,
+        ))  # fmt: skip
+    try:
+        key = tmp_path / ("operator.pub" if given == "public" else "other.key")
+        t0 = time.monotonic()
+        proc = bfl("run", "--external", "--broker", mosquitto_broker, "--devices", "3", "--roles", "1,1,1", "--model", "mlp",
+                   "--dataset", "fashion-mnist", "--operator-key", str(key), "--out", str(tmp_path / "run"), "--quiet",
+                   "--metrics-port", "0", timeout=120)  # fmt: skip
+        took = time.monotonic() - t0
+    finally:
+        for a in agents:
+            a.terminate()
+            a.wait(20)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --operator-key {key}: "), proc.stderr
+    assert "x0, x1, x2 trust the operator key " + operator.public_hex[:16] in lines[0]
+    if given == "public":
+        assert "holds the operator's public key" in lines[0] and "secret key file" in lines[0]
+    else:
+        assert f"restart them with --operator-key {KeyPair.load(key).public_hex}" in lines[0]
+    assert took < 45, took  # agents start in a few seconds; then OTHERS_GRACE_S
+    assert not (tmp_path / "run" / "genesis.json").exists()  # nothing was published
