@@ -406,6 +406,10 @@ def reproduce(
     data_dir: Optional[Path] = typer.Option(None),
     samples_per_device: Optional[int] = typer.Option(None, help="Override the profile's training samples per device."),
     local_epochs: Optional[int] = typer.Option(None, help="Override the profile's local epochs."),
+    devices: int = typer.Option(
+        20, help="Devices per run: the paper's 20, or another number with the paper's role splits and malicious "
+        "counts scaled in proportion (12/5/3 -> 24/10/6 for 40)."
+    ),
     broker: Optional[str] = typer.Option(None, help="mqtt://HOST:PORT (default: one embedded broker for all runs)."),
     out: Optional[Path] = typer.Option(
         None, help="Output folder, new or empty (default: a new results/TIME-EXPERIMENT-PROFILE, results/latest pointing at it)."
@@ -437,13 +441,24 @@ def reproduce(
         if local_epochs < 1:
             fail(f"--local-epochs {local_epochs}: need at least 1")
         prof["local_epochs"] = local_epochs
-    from .experiment import run_folder
+    from .reproduce import PAPER_DEVICES
 
-    try:  # each invocation its own folder: never appended to an earlier one's CSVs
+    try:
+        runs = plan(experiment, profile, devices)
+    except ValueError as exc:
+        fail(str(exc))
+    from dataclasses import replace
+
+    from .experiment import Experiment, run_folder
+
+    base = RunConfig(devices=devices, data_dir=data_dir, seed=seed, broker=broker, **prof)
+    try:
+        for p in runs:  # each setting's roles fit the devices and the block limit, before anything starts
+            Experiment(replace(base, roles=p.roles), log=lambda m: None)._check_roles()
+        # each invocation its own folder: never appended to an earlier one's CSVs
         out = run_folder(out, f"{experiment}-{profile}", overwrite, root=Path("results"))
     except ExperimentError as exc:
-        fail(str(exc))
-    base = RunConfig(devices=20, data_dir=data_dir, seed=seed, broker=broker, **prof)
+        fail(f"{exc}" if devices == PAPER_DEVICES else f"--devices {devices}: {exc}")
     emb = None
     t0 = time.monotonic()
     try:
@@ -452,8 +467,8 @@ def reproduce(
 
             emb = EmbeddedBroker()
             base.broker = emb.start()
-        runs = plan(experiment, profile)
-        typer.echo(f"{experiment} ({profile}): {len(runs)} settings x {n_rep} repeats, {prof['rounds']} rounds each -> {out}")
+        scaled = "" if devices == PAPER_DEVICES else f", {devices} devices (the paper's splits scaled)"
+        typer.echo(f"{experiment} ({profile}): {len(runs)} settings x {n_rep} repeats, {prof['rounds']} rounds each{scaled} -> {out}")
         for rep in range(n_rep):
             for i, p in enumerate(runs, 1):
                 typer.echo(f"[{i}/{len(runs)} repeat {rep}] {p.setting} {p.protocol}, {p.malicious} malicious")

@@ -55,23 +55,60 @@ def _label(roles: tuple[int, int, int]) -> str:
     return f"{roles[0]}W,{roles[1]}V,{roles[2]}M"
 
 
-def plan(experiment: str, profile: str) -> list[Planned]:
+PAPER_DEVICES = 20  # every setting of Section 5.4 splits 20 devices
+
+
+def scale_roles(roles: tuple[int, int, int], devices: int) -> tuple[int, int, int]:
+    """The paper's role split of 20 devices for ``devices`` devices, in the same proportions:
+    the devices are apportioned by largest remainder (Hamilton's method), every role keeps at
+    least one device (taken from the largest). 12/5/3 -> 24/10/6 for 40, 6/3/1 for 10."""
+    if devices < 3:
+        raise ValueError(f"--devices {devices}: need at least 3 (a worker, a validator, a miner)")
+    total = sum(roles)
+    quotas = [r * devices / total for r in roles]
+    seats = [int(q) for q in quotas]
+    by_remainder = sorted(range(3), key=lambda i: (-(quotas[i] - seats[i]), i))
+    for i in by_remainder[: devices - sum(seats)]:
+        seats[i] += 1
+    for i in range(3):
+        if seats[i] == 0:
+            seats[i] = 1
+            seats[max(range(3), key=lambda k: seats[k])] -= 1
+    return seats[0], seats[1], seats[2]
+
+
+def scale_malicious(k: int, devices: int) -> int:
+    """``k`` malicious of the paper's 20, in proportion (half up), at least one if ``k`` > 0."""
+    return 0 if k == 0 else max(1, min(devices, (2 * k * devices + PAPER_DEVICES) // (2 * PAPER_DEVICES)))
+
+
+def plan(experiment: str, profile: str, devices: int = PAPER_DEVICES) -> list[Planned]:
+    """The runs of ``experiment``; with ``devices`` other than the paper's 20, its role splits
+    and malicious counts scaled in proportion (:func:`scale_roles`, :func:`scale_malicious`)."""
+    def roles(r):
+        return scale_roles(r, devices)
+
+    def mal(k):
+        return scale_malicious(k, devices)
+
     if experiment == "table4":
         out = []
-        for roles in ((12, 5, 3), (8, 9, 3)):
+        for split in ((12, 5, 3), (8, 9, 3)):
             for proto in ("vanilla", "pfedme", "pos-bfl"):
-                out.append(Planned("table4", _label(roles), proto, roles, 3))
+                out.append(Planned("table4", _label(roles(split)), proto, roles(split), mal(3)))
             # clean FedAvg: what PoS-BFL should stay close to
-            out.append(Planned("table4", _label(roles), "fedavg-clean", roles, 0))
+            out.append(Planned("table4", _label(roles(split)), "fedavg-clean", roles(split), 0))
         return out
     if experiment in ("fig6", "fig7"):
-        roles = (12, 5, 3) if experiment == "fig6" else (8, 9, 3)
-        return [Planned(experiment, f"mal={k}", "pos-bfl", roles, k) for k in MALICIOUS_SWEEP[profile]]
+        split = roles((12, 5, 3) if experiment == "fig6" else (8, 9, 3))
+        ks = list(dict.fromkeys(mal(k) for k in MALICIOUS_SWEEP[profile]))
+        return [Planned(experiment, f"mal={k}", "pos-bfl", split, k) for k in ks]
     if experiment == "fig8":
+        split, m, n = roles((12, 5, 3)), mal(3), devices
         return [
-            Planned("fig8", "VFL 0/20", "fedavg-clean", (12, 5, 3), 0),
-            Planned("fig8", "VFL 3/20", "vanilla", (12, 5, 3), 3),
-            Planned("fig8", "PoS-BFL 3/20 vh0.08", "pos-bfl", (12, 5, 3), 3),
+            Planned("fig8", f"VFL 0/{n}", "fedavg-clean", split, 0),
+            Planned("fig8", f"VFL {m}/{n}", "vanilla", split, m),
+            Planned("fig8", f"PoS-BFL {m}/{n} vh0.08", "pos-bfl", split, m),
         ]
     raise ValueError(f"unknown experiment {experiment!r}: one of {', '.join(EXPERIMENTS)}")
 

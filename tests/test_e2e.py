@@ -442,3 +442,21 @@ def test_an_operator_key_the_devices_reject_is_reported_within_seconds(given, tm
         assert f"restart them with --operator-key {KeyPair.load(key).public_hex}" in lines[0]
     assert took < 45, took  # agents start in a few seconds; then OTHERS_GRACE_S
     assert not (tmp_path / "run" / "genesis.json").exists()  # nothing was published
+
+
+def test_reproduce_runs_a_figure_with_overrides(tmp_path, mosquitto_broker):
+    """`bfl reproduce fig8` with every override (devices, rounds, samples, epochs): three real
+    runs of 6 devices with the paper's 12/5/3 split and 3 of 20 malicious scaled, their rows
+    in rounds.csv, the table and the plots."""
+    out = tmp_path / "fig8"
+    proc = bfl("reproduce", "fig8", "--devices", "6", "--rounds", "2", "--samples-per-device", "100", "--local-epochs", "1",
+               "--broker", mosquitto_broker, "--out", str(out), timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "rounds.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({(r["setting"], r["protocol"], r["malicious"]) for r in rows}) == [
+        ("PoS-BFL 1/6 vh0.08", "pos-bfl", "1"), ("VFL 0/6", "fedavg-clean", "0"), ("VFL 1/6", "vanilla", "1")]
+    assert len(rows) == 6 and all(0 < float(r["accuracy"]) <= 100 for r in rows)
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/summary.json"))]
+    assert [(s["devices"], s["roles"], len(s["rounds"])) for s in summaries] == [(6, [4, 1, 1], 2)] * 3
+    assert "VFL 1/6" in (out / "table.md").read_text() and (out / "accuracy.png").stat().st_size > 10_000

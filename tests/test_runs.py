@@ -128,3 +128,31 @@ def test_reproduce_never_appends_to_an_earlier_invocations_folder(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert (earlier / "rounds.csv").read_text() == "experiment,setting\ntable4,12W\n"
     assert not (tmp_path / "results").exists()  # nothing started, no folder made
+
+
+def test_reproduce_scales_the_papers_settings_to_other_device_counts():
+    from orchestrator.reproduce import PAPER_DEVICES, plan, scale_malicious, scale_roles
+
+    for split in ((12, 5, 3), (8, 9, 3)):
+        assert scale_roles(split, PAPER_DEVICES) == split
+        for n in range(3, 201):
+            w, v, m = scale_roles(split, n)
+            assert min(w, v, m) >= 1 and w + v + m == n, (split, n)
+    assert scale_roles((12, 5, 3), 40) == (24, 10, 6) and scale_roles((8, 9, 3), 10) == (4, 5, 1)
+    assert [scale_malicious(k, 40) for k in (0, 3, 6, 10, 14)] == [0, 6, 12, 20, 28]
+    assert scale_malicious(3, 3) == 1  # never none of a paper's malicious devices
+    assert [(p.roles, p.malicious) for p in plan("table4", "quick", 20)][:4] == [((12, 5, 3), 3)] * 3 + [((12, 5, 3), 0)]
+    assert [p.setting for p in plan("fig8", "quick", 40)] == ["VFL 0/40", "VFL 6/40", "PoS-BFL 6/40 vh0.08"]
+    assert len({p.malicious for p in plan("fig6", "quick", 4)}) == len(plan("fig6", "quick", 4))  # no repeated setting
+
+
+def test_reproduce_refuses_device_counts_it_cannot_run_before_anything_starts(tmp_path):
+    import subprocess
+    import sys
+
+    for devices, needle in (("2", "need at least 3"), ("200", "over the 1047552-byte limit")):
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "reproduce", "table4", "--devices", devices],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and f"--devices {devices}: " in lines[0] and needle in lines[0], proc.stderr
+    assert not (tmp_path / "results").exists()
