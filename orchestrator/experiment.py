@@ -422,13 +422,16 @@ def run_folder(out: Path | None, run_id: str, overwrite: bool = False, root: Pat
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path, n = root / f"{stamp}-{run_id}", 2
-        while path.exists():
-            path, n = root / f"{stamp}-{run_id}-{n}", n + 1
         try:
-            path.mkdir(parents=True)
+            while True:
+                try:  # (two runs of the same settings started in the same second: -2, -3, ...)
+                    path.mkdir(parents=True)
+                    break
+                except FileExistsError:
+                    path, n = root / f"{stamp}-{run_id}-{n}", n + 1
             latest = root / "latest"
             if latest.is_symlink() or not latest.exists():
-                tmp = root / f".latest.{os.getpid()}"
+                tmp = root / f".latest.{os.getpid()}.{os.urandom(4).hex()}"
                 tmp.unlink(missing_ok=True)
                 tmp.symlink_to(path.name)
                 os.replace(tmp, latest)

@@ -156,3 +156,14 @@ def test_reproduce_refuses_device_counts_it_cannot_run_before_anything_starts(tm
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and f"--devices {devices}: " in lines[0] and needle in lines[0], proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.experiment import run_folder
+
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: run_folder(None, "rsame", root=tmp_path), range(8)))
+    assert len(set(folders)) == 8 and all(f.is_dir() and not any(f.iterdir()) for f in folders)
+    assert (tmp_path / "latest").resolve() in {f.resolve() for f in folders}
