@@ -119,6 +119,18 @@ _NETWORK = partial(typer.Option, rich_help_panel="Network and compute")
 _METRICS = partial(typer.Option, rich_help_panel="Metrics")
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (``kill``, a container or a service stopping) ends a run as Ctrl-C does: the
+    finished rounds are written and the agents stopped, rather than orphaned."""
+    import signal
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 @app.command()
 def run(
     ctx: typer.Context,
@@ -313,6 +325,7 @@ def run(
     console = Console(stderr=False, soft_wrap=True, markup=False, highlight=False)
     exp = Experiment(cfg, log=lambda m: console.print(m), resume=resume is not None)
     stopped = True
+    _terminate_as_interrupt()
     try:
         if resume is not None:
             exp.resume_progress()
