@@ -129,7 +129,8 @@ def run(
     data_dir: Optional[Path] = _DATA(None, help="Directory with the IDX files."),
     model: str = _DATA(
         "cnn", metavar="CHOICE",
-        help="The architecture, a file of edge_agent/ml/models/: " + " | ".join(_arch_names()) + " (cnn: the paper's).",
+        help=" | ".join(n + " (the paper's)" * (n == "cnn") for n in _arch_names())
+        + ": the architectures, one file each in edge_agent/ml/models/.",
     ),  # fmt: skip
     partition: str = _DATA("shards", metavar="CHOICE", help="shards (non-IID, the paper's) | iid | dirichlet."),
     alpha: float = _DATA(0.5, help="Dirichlet concentration for --partition dirichlet."),

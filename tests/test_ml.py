@@ -377,7 +377,7 @@ def test_gaussian_attack_destroys_model(trained_mlp):
 
 
 def test_validator_modules_do_not_import_torch():
-    code = ("import edge_agent.ml.onnx_eval, edge_agent.ml.data, edge_agent.ml.blobs, "
+    code = ("import edge_agent.ml.onnx_eval, edge_agent.ml.data, edge_agent.ml.blobs, edge_agent.ml.models, "
             "edge_agent.ml.arch, edge_agent.ml.attacks, sys; assert 'torch' not in sys.modules")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
