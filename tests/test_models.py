@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+import pytest
+
 from edge_agent.ml import arch, models, onnx_eval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,3 +205,20 @@ print(onnx_eval.Evaluator("tiny").accuracy_bp({{k: load(k) for k in ("fc.weight"
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "--model 'resnet'" in lines[0] and "tiny" in lines[0], lines
     assert not list(MODELS_DIR.glob("tiny*"))  # the repository's package is untouched
+
+
+def test_a_layout_that_is_not_the_module_or_the_graph_is_refused(monkeypatch):
+    """LAYOUT is written out beside the module: the exporter refuses a module whose
+    state_dict differs from it, and a validator a graph whose inputs differ from it."""
+    from edge_agent.ml.models import Architecture, _export
+
+    wrong = Architecture("wrong", models.get("lenet5").layout, None, "", "edge_agent.ml.models.mlp")
+    monkeypatch.setattr(_export, "get", lambda name: wrong)
+    with pytest.raises(ValueError, match="is not LAYOUT"):
+        _export.export_graph("wrong")
+    monkeypatch.setattr(models, "get", lambda name: wrong)
+    with pytest.raises(ValueError, match=r"mlp\.onnx does not take x and the parameters of wrong's LAYOUT"):
+        onnx_eval._graph_bytes("wrong")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="unknown architecture 'resnet'; expected one of cnn, lenet5, mlp$"):
+        arch.param_shapes("resnet")
