@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from edge_agent.ml.models import names as _arch_names
+
 app = typer.Typer(add_completion=False, help="PoS-BFL testbed orchestrator.", no_args_is_help=True)
 data_app = typer.Typer(add_completion=False, help="Datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -160,7 +162,11 @@ def run(
     rounds: int = _EXPERIMENT(10, help="Communication rounds (the paper runs 100)."),
     dataset: str = _DATA("mnist", metavar="CHOICE", help="mnist | fashion-mnist (offline, Debian's package)."),
     data_dir: Optional[Path] = _DATA(None, help="Directory with the IDX files."),
-    model: str = _DATA("cnn", metavar="CHOICE", help="cnn (the paper's) | mlp (784-200-200-10)."),
+    model: str = _DATA(
+        "cnn", metavar="CHOICE",
+        help=" | ".join(n + " (the paper's)" * (n == "cnn") for n in _arch_names())
+        + ": the architectures, one file each in edge_agent/ml/models/.",
+    ),  # fmt: skip
     partition: str = _DATA("shards", metavar="CHOICE", help="shards (non-IID, the paper's) | iid | dirichlet."),
     alpha: float = _DATA(0.5, help="Dirichlet concentration for --partition dirichlet."),
     samples_per_device: Optional[int] = _DATA(None, help="Training samples per device (default: an even split)."),

@@ -516,8 +516,10 @@ class Experiment:
     def setup(self) -> None:
         cfg = self.cfg
         self._check_roles()
-        if cfg.model not in ("mlp", "cnn"):
-            raise ExperimentError(f"--model {cfg.model!r}: choose mlp or cnn")
+        from edge_agent.ml.arch import ARCHS
+
+        if cfg.model not in ARCHS:
+            raise ExperimentError(f"--model {cfg.model!r}: choose one of {', '.join(ARCHS)} (edge_agent/ml/models/)")
         from edge_agent.ml.data import PARTITIONS
 
         if cfg.partition not in PARTITIONS:

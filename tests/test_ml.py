@@ -165,6 +165,7 @@ def test_device_data_deterministic(fmnist):
 
 def test_param_shapes_and_init():
     assert arch.n_params("cnn") == 1_663_370
+    assert arch.n_params("lenet5") == 6 * 25 + 6 + 16 * 6 * 25 + 16 + 400 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10
     assert arch.n_params("mlp") == 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
     for a in arch.ARCHS:
         p, q = arch.init_params(a, 1), arch.init_params(a, 1)
@@ -376,7 +377,7 @@ def test_gaussian_attack_destroys_model(trained_mlp):
 
 
 def test_validator_modules_do_not_import_torch():
-    code = ("import edge_agent.ml.onnx_eval, edge_agent.ml.data, edge_agent.ml.blobs, "
+    code = ("import edge_agent.ml.onnx_eval, edge_agent.ml.data, edge_agent.ml.blobs, edge_agent.ml.models, "
             "edge_agent.ml.arch, edge_agent.ml.attacks, sys; assert 'torch' not in sys.modules")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,

@@ -106,7 +106,7 @@ def test_run_help_reads_in_panels_with_every_option_described_and_bfl_has_a_vers
             continue
         assert param.help and param.help.strip(), f"--{param.name} has no help"
         assert f" {param.opts[0]} " in out, f"{param.opts[0]} is cut off or missing"  # whole, at 80 columns
-    for choice in ("pos-bfl | vanilla", "cnn (the paper's) | mlp", "mnist | fashion-mnist", "auto (CUDA",
+    for choice in ("pos-bfl | vanilla", "cnn (the paper's) | lenet5 | mlp", "mnist | fashion-mnist", "auto (CUDA",
                    "median | global | trained", "fedavg | median"):  # fmt: skip
         assert choice in " ".join(out.replace("│", " ").split()), choice
     version = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--version"], capture_output=True, text=True,

@@ -1,13 +1,15 @@
 """Model architecture registry (numpy only; no torch).
 
-Parameter names and layouts equal PyTorch ``state_dict`` names of the modules in
-``edge_agent.ml.train``, so a worker (torch), a validator (ONNX Runtime) and the
-aggregation code all agree on the parameter set of a model.
+The architectures are the files of ``edge_agent.ml.models`` (one file each: the torch
+module, imported only where torch is, and its parameter layout as data); this module gives
+the torch-free side what it needs of them: the names, the parameter names and shapes (the
+PyTorch ``state_dict`` of the module, so a worker (torch), a validator (ONNX Runtime) and
+the aggregation code all agree on the parameter set of a model), deterministic initial
+parameters and checks. ``python -m edge_agent.ml.models list`` lists them:
 
-* ``"mlp"``: the FedAvg "2NN" (McMahan et al. 2017): 784-200-200-10, ReLU between layers.
-* ``"cnn"``: the FedAvg MNIST CNN (also used by VBFL): conv5x5(32, pad 2) -> ReLU ->
-  maxpool 2 -> conv5x5(64, pad 2) -> ReLU -> maxpool 2 -> flatten (NCHW, 3136) ->
-  fc 512 -> ReLU -> fc 10; 1,663,370 parameters.
+* ``"cnn"``: the FedAvg MNIST CNN (the paper's), 1,663,370 parameters;
+* ``"lenet5"``: LeNet-5 (LeCun et al. 1998) with ReLU and max pooling, 61,706 parameters;
+* ``"mlp"``: the FedAvg "2NN", 784-200-200-10, 199,210 parameters.
 """
 
 from __future__ import annotations
@@ -16,41 +18,16 @@ import math
 
 import numpy as np
 
+from . import models
+
 __all__ = ["ARCHS", "check_params", "init_params", "n_params", "param_shapes"]
 
-ARCHS = ("mlp", "cnn")
-
-_SHAPES: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {
-    "mlp": (
-        ("fc1.weight", (200, 784)),
-        ("fc1.bias", (200,)),
-        ("fc2.weight", (200, 200)),
-        ("fc2.bias", (200,)),
-        ("fc3.weight", (10, 200)),
-        ("fc3.bias", (10,)),
-    ),
-    "cnn": (
-        ("conv1.weight", (32, 1, 5, 5)),
-        ("conv1.bias", (32,)),
-        ("conv2.weight", (64, 32, 5, 5)),
-        ("conv2.bias", (64,)),
-        ("fc1.weight", (512, 64 * 7 * 7)),
-        ("fc1.bias", (512,)),
-        ("fc2.weight", (10, 512)),
-        ("fc2.bias", (10,)),
-    ),
-}
-
-
-def _check_arch(arch: str) -> str:
-    if arch not in _SHAPES:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
-    return arch
+ARCHS: tuple[str, ...] = models.names()
 
 
 def param_shapes(arch: str) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every parameter of ``arch`` in a fixed order (torch layout)."""
-    return list(_SHAPES[_check_arch(arch)])
+    return list(models.get(arch).layout)
 
 
 def n_params(arch: str) -> int:

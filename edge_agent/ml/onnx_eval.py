@@ -1,23 +1,27 @@
 """Model evaluation with ONNX Runtime (onnx + onnxruntime + numpy; no torch).
 
 Validators evaluate A(G_{j-1}) and A(L_j^w) on their own test split without PyTorch.
-The ONNX graph of each architecture is built with ``onnx.helper`` and takes the
-WEIGHTS AS GRAPH INPUTS, so one InferenceSession per architecture serves every model:
-a model is evaluated by feeding its parameter arrays next to the images.
-:func:`export_onnx` instead bakes a model's parameters in as initializers, giving a
-self-contained file for deploying a global model.
+The ONNX graph of each architecture is the committed ``edge_agent/ml/models/NAME.onnx``,
+exported from the architecture's torch module (``python -m edge_agent.ml.models export``)
+and loaded here with the onnx package alone. It takes the WEIGHTS AS GRAPH INPUTS, so one
+InferenceSession per architecture serves every model: a model is evaluated by feeding its
+parameter arrays next to the images. From ``BAKE_FROM`` images on, a model gets a session of
+its own with the same graph's weights turned into initializers; :func:`export_onnx` bakes a
+model's parameters in as initializers, giving a self-contained file for deploying a global model.
 """
 
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from . import models
 from .arch import check_params, param_shapes
 
-__all__ = ["Evaluator", "build_graph", "export_onnx", "OPSET", "IR_VERSION"]
+__all__ = ["Evaluator", "build_graph", "export_onnx"]
 # Images per inference call: 25 keeps ONNX Runtime's arena for the CNN near 11 MB per process
 # (500 at once grows it by 200 MB, in every agent of a host) and is no slower: 141-146 ms
 # against 147-149 ms at 50 and 150-158 ms at 10, for 500 test images on one thread
@@ -25,74 +29,55 @@ __all__ = ["Evaluator", "build_graph", "export_onnx", "OPSET", "IR_VERSION"]
 EVAL_BATCH = 25
 
 # From how many images a model is evaluated in a session of its own, with its weights as
-# constant initializers, rather than fed to the shared session. Constant weights let ONNX
-# Runtime pre-pack them (NCHWc convolutions, packed GEMM) once per model. CPU ms for the CNN,
-# creating the session included, with the agents' allocator setting: 50 images 19.7 against
-# 15.0 shared, 200 images 44.4 against 57.7, 500 images 95.9 against 144.9; the MLP is faster
-# shared at every size (500 images: 3.1 against 2.5). (python benchmarks/bench_eval_batch.py
-# --sessions --arch mlp,cnn, 2026-12-05 10:44.) None: never.
-BAKE_FROM: dict[str, int | None] = {"mlp": None, "cnn": 100}
-
-OPSET = 17
-IR_VERSION = 8  # the IR version introduced with opset 17; widely supported by onnxruntime
+# constant initializers, rather than fed to the shared session (None: never). Each
+# architecture's file sets its own (``BAKE_FROM`` in edge_agent/ml/models/NAME.py).
+BAKE_FROM: dict[str, int | None] = {a.name: a.bake_from for a in models.architectures().values()}
 
 
-def _nodes(arch: str) -> list:
-    from onnx import helper
+@lru_cache(maxsize=None)
+def _graph_bytes(arch: str) -> bytes:
+    """The committed graph of ``arch``, checked against its parameter layout."""
+    import onnx
+    from onnx import TensorProto
 
-    n = helper.make_node
-    if arch == "mlp":
-        return [
-            n("Flatten", ["x"], ["h0"], axis=1),
-            n("Gemm", ["h0", "fc1.weight", "fc1.bias"], ["z1"], transB=1),
-            n("Relu", ["z1"], ["h1"]),
-            n("Gemm", ["h1", "fc2.weight", "fc2.bias"], ["z2"], transB=1),
-            n("Relu", ["z2"], ["h2"]),
-            n("Gemm", ["h2", "fc3.weight", "fc3.bias"], ["logits"], transB=1),
-        ]
-    if arch == "cnn":
-        return [
-            n("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"],
-              kernel_shape=[5, 5], pads=[2, 2, 2, 2], strides=[1, 1]),
-            n("Relu", ["c1"], ["r1"]),
-            n("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-            n("Conv", ["p1", "conv2.weight", "conv2.bias"], ["c2"],
-              kernel_shape=[5, 5], pads=[2, 2, 2, 2], strides=[1, 1]),
-            n("Relu", ["c2"], ["r2"]),
-            n("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
-            n("Flatten", ["p2"], ["f"], axis=1),  # NCHW order, as torch.flatten
-            n("Gemm", ["f", "fc1.weight", "fc1.bias"], ["z1"], transB=1),
-            n("Relu", ["z1"], ["h1"]),
-            n("Gemm", ["h1", "fc2.weight", "fc2.bias"], ["logits"], transB=1),
-        ]
-    raise ValueError(f"unknown architecture {arch!r}")
+    a = models.get(arch)
+    path = a.graph_path
+    redo = f"make it with: python -m edge_agent.ml.models export {arch}"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"architecture {arch!r} has no ONNX graph {path}; {redo}") from None
+    model = onnx.load_from_string(raw)
+    g = model.graph
+
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    got = [(i.name, dims(i)) for i in g.input]
+    want = [("x", ["batch", 1, 28, 28])] + [(k, list(s)) for k, s in a.layout]
+    if got != want or [(o.name, dims(o)) for o in g.output] != [("logits", ["batch", 10])] or any(
+        i.type.tensor_type.elem_type != TensorProto.FLOAT for i in g.input
+    ):
+        raise ValueError(f"{path} does not take x and the parameters of {arch}'s LAYOUT to logits; {redo}")
+    return raw
 
 
 def build_graph(arch: str, params: dict[str, np.ndarray] | None = None):
-    """The ONNX ModelProto of ``arch``.
+    """The ONNX ModelProto of ``arch`` (its committed, exported graph).
 
     Without ``params`` every weight is a graph input (shared-session evaluation);
     with ``params`` the weights are initializers (self-contained export).
     """
-    from onnx import TensorProto, helper, numpy_helper
+    import onnx
+    from onnx import numpy_helper
 
-    shapes = param_shapes(arch)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 28, 28])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
-    inputs = [x]
-    initializers = []
-    if params is None:
-        inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(s)) for k, s in shapes]
-    else:
+    model = onnx.load_from_string(_graph_bytes(arch))
+    if params is not None:
         check_params(arch, params)
-        initializers = [numpy_helper.from_array(np.ascontiguousarray(params[k]), k) for k, _ in shapes]
-    graph = helper.make_graph(_nodes(arch), f"posbfl_{arch}", inputs, [logits], initializers)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="posbfl-testbed",
-    )
-    model.ir_version = IR_VERSION
+        del model.graph.input[1:]  # only "x" stays an input
+        model.graph.initializer.extend(
+            numpy_helper.from_array(np.ascontiguousarray(params[k]), k) for k, _ in param_shapes(arch)
+        )
     return model
 
 
@@ -114,9 +99,8 @@ class Evaluator:
                 if self._session is None:
                     import onnxruntime as ort
 
-                    model = build_graph(self.arch).SerializeToString()
                     self._session = ort.InferenceSession(
-                        model, sess_options=self._options(), providers=["CPUExecutionProvider"]
+                        _graph_bytes(self.arch), sess_options=self._options(), providers=["CPUExecutionProvider"]
                     )
         return self._session
 

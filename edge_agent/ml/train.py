@@ -1,5 +1,8 @@
-"""Local training with PyTorch: the ONLY module of the testbed that imports torch.
+"""Local training with PyTorch (with the trainer's worker, edge_agent/ml/trainer_worker.py,
+and the architectures' ``module()`` functions and exporter in edge_agent/ml/models/, the only
+code of the testbed that imports torch).
 
+The torch modules are the architectures of ``edge_agent.ml.models`` (one file each).
 Workers train the current global model on their partition with plain mini-batch SGD
 (no momentum, no weight decay) and cross-entropy, as FedAvg's ClientUpdate
 (McMahan et al. 2017). Parameters cross this boundary as float32 numpy dicts whose
@@ -13,52 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import models
 from .arch import check_params, param_shapes
 
-__all__ = ["CNN", "MLP", "build_model", "torch_accuracy_bp", "torch_predict", "train_local"]
-
-
-class MLP(nn.Module):
-    """FedAvg 2NN: 784-200-200-10 with ReLU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 200)
-        self.fc2 = nn.Linear(200, 200)
-        self.fc3 = nn.Linear(200, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-
-class CNN(nn.Module):
-    """FedAvg MNIST CNN: two 5x5 conv layers (32, 64 channels) with 2x2 max pooling, fc 512, fc 10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, kernel_size=5, padding=2)
-        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
-        self.fc1 = nn.Linear(64 * 7 * 7, 512)
-        self.fc2 = nn.Linear(512, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        return self.fc2(x)
-
-
-_MODELS = {"mlp": MLP, "cnn": CNN}
+__all__ = ["build_model", "torch_accuracy_bp", "torch_predict", "train_local"]
 
 
 def build_model(arch: str) -> nn.Module:
-    """A fresh torch module for ``arch`` (its state_dict matches arch.param_shapes)."""
-    param_shapes(arch)  # validates the name
-    return _MODELS[arch]()
+    """A fresh torch module for ``arch``: ``module()`` of edge_agent/ml/models/ARCH.py (its
+    state_dict matches arch.param_shapes)."""
+    return models.get(arch).module()
 
 
 def _load(arch: str, params: dict[str, np.ndarray]) -> nn.Module:

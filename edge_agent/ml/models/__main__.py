@@ -1,0 +1,5 @@
+import sys
+
+from ._export import main
+
+sys.exit(main())
