@@ -264,7 +264,7 @@ def run(
             parse_broker_url(broker)
         except TransportError as exc:
             fail(str(exc))
-    from .experiment import choose_malicious, run_folder
+    from .experiment import check_config, choose_malicious, run_folder
 
     cfg = RunConfig(
         protocol=protocol,
@@ -319,6 +319,7 @@ def run(
     try:
         if not external:  # the operator's pick among the local devices, checked before any starts
             choose_malicious(cfg, cfg.device_ids())
+        check_config(cfg)  # (the roles against the block limit, the data: before the run's folder is made)
         if resume is None:
             cfg.out = run_folder(out, run_id_for(cfg), overwrite)
     except ExperimentError as exc:
@@ -468,12 +469,12 @@ def reproduce(
         fail(str(exc))
     from dataclasses import replace
 
-    from .experiment import Experiment, run_folder
+    from .experiment import check_roles, run_folder
 
     base = RunConfig(devices=devices, data_dir=data_dir, seed=seed, broker=broker, **prof)
     try:
         for p in runs:  # each setting's roles fit the devices and the block limit, before anything starts
-            Experiment(replace(base, roles=p.roles), log=lambda m: None)._check_roles()
+            check_roles(replace(base, roles=p.roles))
         # each invocation its own folder: never appended to an earlier one's CSVs
         out = run_folder(out, f"{experiment}-{profile}", overwrite, root=Path("results"))
     except ExperimentError as exc:

@@ -196,6 +196,47 @@ def data_spec(cfg: RunConfig) -> dict:
     }
 
 
+def check_roles(cfg: RunConfig) -> None:
+    w, v, m = cfg.roles
+    if min(w, v, m) < 1:
+        raise ExperimentError("--roles W,V,M: every count must be at least 1")
+    if w + v + m > cfg.devices:
+        raise ExperimentError(f"--roles {w},{v},{m} needs {w + v + m} devices but --devices is {cfg.devices}")
+    # every validator's tx names every worker's: the largest block grows with |W| x |V|
+    size = worst_case_block_bytes({"roles": [w, v, m], "devices": dict.fromkeys(cfg.device_ids()), "run": "r" * 24})
+    if size > MAX_BLOCK_BYTES:
+        raise ExperimentError(
+            f"--roles {w},{v},{m}: a block could reach {size} bytes, over the {MAX_BLOCK_BYTES}-byte limit every "
+            "device enforces; use fewer workers or validators"
+        )
+
+
+def check_config(cfg: RunConfig) -> dict:
+    """Every check of a run's settings that needs no process: before its folder is made
+    (``bfl run``), and again by ``Experiment.setup``. Returns the data spec of the genesis."""
+    check_roles(cfg)
+    from edge_agent.ml.arch import ARCHS
+
+    if cfg.model not in ARCHS:
+        raise ExperimentError(f"--model {cfg.model!r}: choose one of {', '.join(ARCHS)} (edge_agent/ml/models/)")
+    from edge_agent.ml.data import PARTITIONS
+
+    if cfg.partition not in PARTITIONS:
+        raise ExperimentError(f"--partition {cfg.partition!r}: choose one of {', '.join(PARTITIONS)}")
+    if cfg.alpha <= 0:
+        raise ExperimentError("--alpha must be > 0")
+    if cfg.protocol not in PROTOCOLS:
+        raise ExperimentError(f"--protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    from edge_agent.protocol.genesis import AGGREGATORS
+
+    if cfg.aggregator not in AGGREGATORS:
+        raise ExperimentError(f"--aggregator {cfg.aggregator!r}: choose one of {', '.join(AGGREGATORS)}")
+    for name in {cfg.attack, *cfg.attacks.values()}:
+        if name not in ATTACKS:
+            raise ExperimentError(f"attack {name!r}: choose one of {', '.join(ATTACKS)}")
+    return data_spec(cfg)
+
+
 def fork_server(preload: list[str]):
     """A multiprocessing context whose processes are forked from one server process that
     imported ``preload`` once, so they share those pages (what each would otherwise import
@@ -499,43 +540,9 @@ class Experiment:
         key.save(path)
         return key
 
-    def _check_roles(self) -> None:
-        w, v, m = self.cfg.roles
-        if min(w, v, m) < 1:
-            raise ExperimentError("--roles W,V,M: every count must be at least 1")
-        if w + v + m > self.cfg.devices:
-            raise ExperimentError(f"--roles {w},{v},{m} needs {w + v + m} devices but --devices is {self.cfg.devices}")
-        # every validator's tx names every worker's: the largest block grows with |W| x |V|
-        size = worst_case_block_bytes({"roles": [w, v, m], "devices": dict.fromkeys(self.cfg.device_ids()), "run": "r" * 24})
-        if size > MAX_BLOCK_BYTES:
-            raise ExperimentError(
-                f"--roles {w},{v},{m}: a block could reach {size} bytes, over the {MAX_BLOCK_BYTES}-byte limit every "
-                "device enforces; use fewer workers or validators"
-            )
-
     def setup(self) -> None:
         cfg = self.cfg
-        self._check_roles()
-        from edge_agent.ml.arch import ARCHS
-
-        if cfg.model not in ARCHS:
-            raise ExperimentError(f"--model {cfg.model!r}: choose one of {', '.join(ARCHS)} (edge_agent/ml/models/)")
-        from edge_agent.ml.data import PARTITIONS
-
-        if cfg.partition not in PARTITIONS:
-            raise ExperimentError(f"--partition {cfg.partition!r}: choose one of {', '.join(PARTITIONS)}")
-        if cfg.alpha <= 0:
-            raise ExperimentError("--alpha must be > 0")
-        if cfg.protocol not in PROTOCOLS:
-            raise ExperimentError(f"--protocol {cfg.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
-        from edge_agent.protocol.genesis import AGGREGATORS
-
-        if cfg.aggregator not in AGGREGATORS:
-            raise ExperimentError(f"--aggregator {cfg.aggregator!r}: choose one of {', '.join(AGGREGATORS)}")
-        for name in {cfg.attack, *cfg.attacks.values()}:
-            if name not in ATTACKS:
-                raise ExperimentError(f"attack {name!r}: choose one of {', '.join(ATTACKS)}")
-        spec = data_spec(cfg)
+        spec = check_config(cfg)
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.resume:
             self.operator = self._operator_key()
