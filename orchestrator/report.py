@@ -7,8 +7,11 @@ round to ``OUT/stakes.csv``. :func:`build_report` reads both (stdlib ``csv``) an
                    PoS-BFL[, FedAvg (clean)]; final-round accuracy mean ± std over repeats), plus
                    the mean over the last 3 rounds; for fig6/fig7 rows are malicious counts, for
                    fig8/custom rows are settings. Notes list whatever was skipped and why.
-- ``accuracy.png`` accuracy vs round, mean over repeats with a min-max band.
-- ``stakes.png``   stake per device vs round of one representative PoS-BFL run.
+- ``accuracy.png`` accuracy vs round, mean over repeats with a min-max band; curves that
+                   coincide (COINCIDE_FRACTION) get interleaved dashes, staggered markers and a
+                   "coincides with" legend entry instead of hiding each other.
+- ``stakes.png``   stake vs round of one representative PoS-BFL run: the honest devices as a
+                   min-max band with their median, each malicious device as its own line.
 - ``votes.png``    positive/negative votes per round of the PoS-BFL runs (up to 4 settings).
 
 When the selection holds several experiments, table.md has one section each and the figures
@@ -54,7 +57,21 @@ ROUND_KEYS = ("experiment", "setting", "protocol", "malicious", "repeat", "round
 STAKE_KEYS = ("experiment", "setting", "protocol", "malicious", "repeat", "round", "device", "stake")
 ROUND_INTS = ("accepted", "rejected", "malicious_workers", "malicious_accepted", "votes_positive", "votes_negative")
 
+#: Two curves "coincide" when, at every round of the shorter one, the other has a value too and the
+#: two differ by at most this fraction of the y-axis span (1 percentage point of accuracy on the
+#: 0-100 % axis). At FIGSIZE and DPI the axes are about 430 px tall, so that is at most 4 px between
+#: the centres of two 3 px wide lines: drawn plainly, the later curve hides all or most of the
+#: earlier one. Coinciding curves are drawn with interleaved dashes and distinct, staggered
+#: markers, their legend entries say which curves they coincide with, and table.md notes it.
+COINCIDE_FRACTION = 0.01
+COINCIDE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+#: the malicious devices' lines on the stakes plot (never blue: the honest band is blue)
+MALICIOUS_COLORS = ("tab:red", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "black",
+                    "tab:gray", "tab:cyan", "tab:green")
+HONEST_COLOR = "tab:blue"
+
 FIGSIZE = (8, 5)
+WIDE_FIGSIZE = (11, 5.5)
 DPI = 120
 RC = {
     "font.size": 11,
@@ -390,14 +407,85 @@ def _matplotlib():
     return matplotlib, FigureCanvasAgg, Figure, Line2D, MaxNLocator
 
 
+@dataclass
+class CoincidentStyle:
+    """How to draw one of a group of coinciding curves so that none hides another."""
+
+    others: list[int]  # indices of the curves it coincides with
+    kwargs: dict  # linestyle, marker, markersize, markevery for Axes.plot
+
+
+def coinciding_groups(curves: list[tuple[list[int], list[float]]], span: float) -> list[list[int]]:
+    """Groups (two or more curve indices, ascending) of curves that coincide (see COINCIDE_FRACTION)."""
+    tol = COINCIDE_FRACTION * span
+    parent = list(range(len(curves)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, (xa, ya) in enumerate(curves):
+        a = dict(zip(xa, ya))
+        for j in range(i + 1, len(curves)):
+            b = dict(zip(*curves[j]))
+            if not a or not b:
+                continue
+            shorter, longer = (a, b) if len(a) <= len(b) else (b, a)
+            if all(x in longer and abs(y - longer[x]) <= tol for x, y in shorter.items()):
+                parent[root(j)] = root(i)
+    groups = defaultdict(list)
+    for i in range(len(curves)):
+        groups[root(i)].append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def coincidence_styles(curves: list[tuple[list[int], list[float]]], span: float) -> list[CoincidentStyle | None]:
+    """Per curve: None, or the style that keeps it visible among the curves it coincides with.
+
+    The k curves of a group get dashes of one length with gaps of k-1 lengths, shifted by one
+    length each, so their colours alternate along the shared line; and each gets its own marker
+    shape, placed on every k-th round starting at a different round (larger shapes first)."""
+    out: list[CoincidentStyle | None] = [None] * len(curves)
+    dash = 4.0
+    for group in coinciding_groups(curves, span):
+        k = len(group)
+        for pos, i in enumerate(group):
+            n = len(curves[i][0])
+            step = k * max(1, round(n / (8 * k)))  # about 8 markers per curve at most
+            start = pos * step // k
+            out[i] = CoincidentStyle(
+                others=[j for j in group if j != i],
+                kwargs={"linestyle": (pos * dash, (dash, (k - 1) * dash)),
+                        "marker": COINCIDE_MARKERS[pos % len(COINCIDE_MARKERS)],
+                        # staggered markers do not overlap; where a curve is too short to stagger,
+                        # every curve marks every round and the larger shapes are drawn first
+                        "markersize": 6 if start < n else 4 + 2 * (k - 1 - pos),
+                        "markevery": (start, step) if start < n else None},
+            )
+    return out
+
+
 class _Plotter:
     def __init__(self):
         (self.mpl, self.Canvas, self.Figure, self.Line2D, self.MaxNLocator) = _matplotlib()
+        self.legends: dict[str, list[str]] = {}  # figure file name -> its legend labels, in order
+        self.coincidences: list[str] = []  # "<figure>: <label> (coincides with ...)", for table.md's notes
 
     def figure(self, figsize=FIGSIZE):
         fig = self.Figure(figsize=figsize, dpi=DPI)
         self.Canvas(fig)
         return fig
+
+    def note_coincidence(self, path: Path, labels: list[str]) -> None:
+        self.coincidences.append(
+            f"{path.name}: {'; '.join(labels)} coincide (at most {100 * COINCIDE_FRACTION:g} % of the y-axis span "
+            "apart at every round they share); drawn with interleaved dashes and distinct markers.")
+
+    def coincident_handle(self, color, style: CoincidentStyle, label: str):
+        """Legend entry of a coinciding curve: its colour and marker on a short-dashed line."""
+        return self.Line2D([], [], color=color, linewidth=1.8, linestyle=(0, (2, 1)), marker=style.kwargs["marker"],
+                           markersize=6, label=label)
 
     def save(self, fig, path: Path) -> None:
         fig.tight_layout()
@@ -451,25 +539,39 @@ class _Plotter:
                 parts.append(f"{c[2]} mal.")
             return ", ".join(parts)
 
-        fig = self.figure()
-        ax = fig.add_subplot()
-        max_round = 0
-        repeats = set()
+        curves = []  # (condition, rounds, mean accuracies, per-round values)
         for c in order:
             per_round = defaultdict(list)
             for run in conds[c]:
                 for r, a in run.accuracies():
                     per_round[r].append(a)
             xs = sorted(per_round)
-            means = [math.fsum(per_round[x]) / len(per_round[x]) for x in xs]
+            curves.append((c, xs, [math.fsum(per_round[x]) / len(per_round[x]) for x in xs], per_round))
+        styles = coincidence_styles([(xs, ys) for _, xs, ys, _ in curves], 100.0)
+
+        fig = self.figure(FIGSIZE if len(order) <= 6 else WIDE_FIGSIZE)  # wide: the legend goes to the right
+        ax = fig.add_subplot()
+        max_round = 0
+        repeats = set()
+        labels, handles = [], []
+        for i, ((c, xs, means, per_round), extra) in enumerate(zip(curves, styles)):
             color, ls = style(c)
-            marker = "o" if len(xs) <= 15 else None
-            ax.plot(xs, means, color=color, linestyle=ls, linewidth=1.8, marker=marker, markersize=4, label=label(c))
+            text = label(c)
+            kwargs = {"linestyle": ls, "marker": "o" if len(xs) <= 15 else None, "markersize": 4}
+            if extra is not None:
+                kwargs.update(extra.kwargs)
+                text += f"\n(coincides with {', '.join(label(curves[j][0]) for j in extra.others)})"
+                if i < min(extra.others):
+                    self.note_coincidence(path, [label(curves[j][0]) for j in sorted([i, *extra.others])])
+            (line,) = ax.plot(xs, means, color=color, linewidth=1.8, label=text, **kwargs)
+            handles.append(line if extra is None else self.coincident_handle(color, extra, text))
+            labels.append(text)
             if len(conds[c]) > 1:
                 ax.fill_between(xs, [min(per_round[x]) for x in xs], [max(per_round[x]) for x in xs],
                                 color=color, alpha=0.15, linewidth=0)
             max_round = max(max_round, xs[-1])
             repeats.add(len(conds[c]))
+        self.legends[path.name] = labels
 
         ax.set_ylim(0, 100)
         ax.set_xlim(0.5 if max_round <= 1 else 1, max(max_round, 2))
@@ -482,9 +584,10 @@ class _Plotter:
                      f"mean over {_span(repeats)} repeat(s), shaded: min–max")
         n = len(order)
         if n > 6:
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, ncol=1 if n <= 16 else 2)
+            ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                      ncol=1 if n <= 16 else 2, handlelength=3)
         else:
-            ax.legend(loc="best", framealpha=0.85)
+            ax.legend(handles=handles, loc="best", framealpha=0.85, handlelength=3)
         self.save(fig, path)
         return None
 
@@ -510,24 +613,45 @@ class _Plotter:
         devices = sorted(run.stakes, key=natural)
         honest = [d for d in devices if d not in run.malicious_devices]
         bad = [d for d in devices if d in run.malicious_devices]
-        cmap = self.mpl.colormaps["Blues"]
         fig = self.figure()
         ax = fig.add_subplot()
-        for i, d in enumerate(honest):
-            xs = sorted(run.stakes[d])
-            ax.plot(xs, [run.stakes[d][x] for x in xs], color=cmap(0.45 + 0.5 * i / max(1, len(honest) - 1)),
-                    linestyle="-", linewidth=1.2, alpha=0.9)
-        for d in bad:
-            xs = sorted(run.stakes[d])
-            ax.plot(xs, [run.stakes[d][x] for x in xs], color="tab:red", linestyle="--", linewidth=1.8)
-        handles = []
-        if honest:
-            handles.append(self.Line2D([], [], color=cmap(0.7), linestyle="-", linewidth=1.8,
-                                       label=f"honest devices ({len(honest)})"))
-        if bad:
-            handles.append(self.Line2D([], [], color="tab:red", linestyle="--", linewidth=1.8,
-                                       label=f"malicious devices ({len(bad)})"))
-        ax.legend(handles=handles, loc="upper left", framealpha=0.85)
+        labels, handles = [], []
+        top = max((v for d in devices for v in run.stakes[d].values()), default=0)
+        low = min((v for d in devices for v in run.stakes[d].values()), default=0)
+        if honest:  # one band (min-max over the honest devices per round) and its median
+            xs = sorted({x for d in honest for x in run.stakes[d]})
+            per_round = [[run.stakes[d][x] for d in honest if x in run.stakes[d]] for x in xs]
+            band = f"honest devices ({len(honest)}): min–max"
+            handles.append(ax.fill_between(xs, [min(v) for v in per_round], [max(v) for v in per_round],
+                                           color=HONEST_COLOR, alpha=0.25, linewidth=0, label=band))
+            median = f"honest devices ({len(honest)}): median"
+            handles += ax.plot(xs, [statistics.median(v) for v in per_round], color=HONEST_COLOR, linewidth=2.0,
+                               label=median)
+            labels += [band, median]
+        curves = [(sorted(run.stakes[d]), [run.stakes[d][x] for x in sorted(run.stakes[d])]) for d in bad]
+        styles = coincidence_styles(curves, max(1.0, top - min(0, low)))
+        for i, (d, (xs, ys), extra) in enumerate(zip(bad, curves, styles)):
+            color = MALICIOUS_COLORS[i % len(MALICIOUS_COLORS)]
+            kwargs = {"linestyle": LINESTYLES[(i // len(MALICIOUS_COLORS)) % len(LINESTYLES)],
+                      "marker": "o" if len(xs) <= 15 else None, "markersize": 4}
+            text = f"{d} (malicious)"
+            if extra is not None:
+                kwargs.update(extra.kwargs)
+                text += f"\n(coincides with {', '.join(bad[j] for j in extra.others)})"
+                if i < min(extra.others):
+                    self.note_coincidence(path, [bad[j] for j in sorted([i, *extra.others])])
+            (line,) = ax.plot(xs, ys, color=color, linewidth=1.8, label=text, **kwargs)
+            handles.append(line if extra is None else self.coincident_handle(color, extra, text))
+            labels.append(text)
+        self.legends[path.name] = labels
+        pad = 0.03 * max(1.0, top - min(0, low))  # lines at 0 stay clear of the axis
+        ax.set_ylim(min(0, low) - pad, top + pad)
+        if len(labels) > 6:  # many malicious devices
+            fig.set_size_inches(*WIDE_FIGSIZE)
+            ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                      ncol=1 if len(labels) <= 16 else 2, handlelength=3)
+        else:
+            ax.legend(handles=handles, loc="upper left", framealpha=0.85, handlelength=3)
         ax.xaxis.set_major_locator(self.MaxNLocator(integer=True))
         ax.set_xlabel("Communication round")
         ax.set_ylabel("Stake (reward units)")
@@ -663,17 +787,18 @@ def report_folder(src: Path, dest: Path | None = None, experiment: str | None = 
     return build_report(dest, experiment)
 
 
-def build_report(out: Path, experiment: str | None = None) -> list[Path]:
+def build_report(out: Path, experiment: str | None = None, plotter: _Plotter | None = None) -> list[Path]:
     """Write table.md, accuracy.png, stakes.png and votes.png into ``out``; return the paths written.
 
     ``experiment`` selects one experiment (table4 | fig6 | fig7 | fig8 | custom); ``None`` takes
     every experiment in the CSVs (figures then get an ``_<experiment>`` suffix if there are
     several). Raises :class:`ReportError` when a CSV is missing or unreadable or the requested
     experiment has no rows; empty or partial data only skips figures, noted in table.md.
+    ``plotter`` (default: a new one) keeps each figure's legend labels in ``plotter.legends``.
     """
     out = Path(out)
     data = _load(out)
-    plotter = _Plotter()
+    plotter = plotter or _Plotter()
     notes = list(data.notes)
 
     found = _ordered_experiments({r.experiment for r in data.runs})
@@ -728,6 +853,7 @@ def build_report(out: Path, experiment: str | None = None) -> list[Path]:
         else:
             draw("votes", lambda path, exp: f"{ROUNDS_CSV} has no votes_positive/votes_negative columns")
 
+    notes += plotter.coincidences
     title = "PoS-BFL testbed results" + (f": {experiment}" if experiment else "")
     lines = [f"# {title}", "", f"Source: `{ROUNDS_CSV}`, `{STAKES_CSV}` in this folder.", ""]
     lines += sections

@@ -168,3 +168,112 @@ def test_helpers():
     assert fmt_mean_std([]) == "n/a"
     assert fmt_mean_std([50.0]) == "50.0"
     assert fmt_mean_std([86.0, 88.0]) == "87.0 ± 1.4"
+
+
+# ----------------------------------------------------------------------------------------------
+# figures: every line visible (pixel statistics of the rendered PNGs)
+
+
+def color_mask(img, color: str, tol: float = 0.06):
+    """Pixels of ``img`` (imread's float RGB(A)) within ``tol`` per channel of ``color``."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    return np.all(np.abs(img[..., :3] - np.array(to_rgb(color))) <= tol, axis=-1)
+
+
+def line_columns(img, color: str) -> int:
+    """In how many pixel columns ``color`` occurs: a curve across the axes spans hundreds, a
+    legend swatch a few dozen."""
+    return int(color_mask(img, color).any(axis=0).sum())
+
+
+def rewrite_accuracy(out: Path, fn) -> None:
+    """Replace each rounds.csv accuracy by ``fn(row, accuracy of the vanilla run at that round)``."""
+    rows = list(csv.DictReader((out / "rounds.csv").open()))
+    vfl = {(r["setting"], r["repeat"], r["round"]): r["accuracy"] for r in rows if r["protocol"] == "vanilla"}
+    for r in rows:
+        r["accuracy"] = fn(r, float(vfl[(r["setting"], r["repeat"], r["round"])]))
+    with (out / "rounds.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ROUND_COLS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_coinciding_curves_stay_visible(tmp_path):
+    from orchestrator.report import _Plotter
+
+    # pFedMe equal to VFL at every round (as when both sit at chance level), 0.4 points apart at most
+    write_csvs(tmp_path, repeats=1, settings={"12W,5V,3M": 12})
+    rewrite_accuracy(tmp_path, lambda r, vfl: vfl + 0.4 * (r["round"] == "3") if r["protocol"] == "pfedme"
+                     else float(r["accuracy"]))
+    plotter = _Plotter()
+    build_report(tmp_path, plotter=plotter)
+    img = imread(tmp_path / "accuracy.png")
+    assert img.shape[:2] == (600, 960)  # FIGSIZE (8, 5) at 120 dpi
+    # pFedMe (tab:green) is drawn after VFL (tab:red) on the same path: without interleaved dashes
+    # red would show only in the legend swatch
+    assert line_columns(img, "tab:red") > 250, line_columns(img, "tab:red")
+    assert line_columns(img, "tab:green") > 250
+    assert line_columns(img, "tab:blue") > 500  # PoS-BFL, alone, drawn plainly
+    assert plotter.legends["accuracy.png"] == ["VFL\n(coincides with pFedMe)", "pFedMe\n(coincides with VFL)",
+                                               "PoS-BFL"]
+    assert "accuracy.png: VFL; pFedMe coincide" in (tmp_path / "table.md").read_text()
+
+    # 1.5 points apart at one round is not coinciding (COINCIDE_FRACTION: 1 point on the 0-100 axis)
+    rewrite_accuracy(tmp_path, lambda r, vfl: vfl + 1.5 * (r["round"] == "3") if r["protocol"] == "pfedme"
+                     else float(r["accuracy"]))
+    plotter = _Plotter()
+    build_report(tmp_path, plotter=plotter)
+    assert plotter.legends["accuracy.png"] == ["VFL", "pFedMe", "PoS-BFL"]
+    assert "accuracy.png: " not in (tmp_path / "table.md").read_text()  # (stakes.png's note stays)
+
+
+def test_coinciding_groups():
+    from orchestrator.report import coinciding_groups
+
+    flat = ([1, 2, 3], [10.0, 10.0, 10.0])
+    assert coinciding_groups([flat, ([1, 2, 3], [10.0, 11.0, 9.0]), ([1, 2, 3], [10.0, 12.5, 10.0])], 100) == [[0, 1]]
+    assert coinciding_groups([flat, ([1, 2], [10.0, 10.0]), ([4, 5], [10.0, 10.0])], 100) == [[0, 1]]  # shared rounds
+    assert coinciding_groups([flat, ([1, 2, 3], [10.0, 10.0, 10.0])], 100) == [[0, 1]]
+    assert coinciding_groups([flat, ([1, 2, 3], [12.0, 12.0, 12.0])], 100) == []
+    assert coinciding_groups([flat, ([1, 2, 3], [12.0, 12.0, 12.0])], 300) == [[0, 1]]  # relative to the span
+
+
+def test_stakes_band_and_malicious_lines(tmp_path):
+    from orchestrator.report import _Plotter
+
+    write_csvs(tmp_path, repeats=1, settings={"12W,5V,3M": 12})
+    plotter = _Plotter()
+    build_report(tmp_path, plotter=plotter)
+    img = imread(tmp_path / "stakes.png")
+    assert img.shape[:2] == (600, 960)
+    # the honest band: tab:blue at alpha 0.25 over white
+    from matplotlib.colors import to_rgb
+
+    band = tuple(0.25 * c + 0.75 for c in to_rgb("tab:blue"))
+    share = color_mask(img, band, tol=0.03).mean()
+    assert share > 0.02, share  # a band (its legend swatch is < 0.1 %)
+    # the three malicious devices have identical stakes: each keeps its own colour along the plot
+    for color in ("tab:red", "tab:orange", "tab:purple"):
+        assert line_columns(img, color) > 150, (color, line_columns(img, color))
+    labels = plotter.legends["stakes.png"]
+    assert labels[:2] == ["honest devices (17): min–max", "honest devices (17): median"]
+    assert labels[2:] == ["d03 (malicious)\n(coincides with d11, d17)", "d11 (malicious)\n(coincides with d03, d17)",
+                          "d17 (malicious)\n(coincides with d03, d11)"]
+
+    # malicious stakes apart: plain lines, no coincidence
+    rows = list(csv.DictReader((tmp_path / "stakes.csv").open()))
+    for r in rows:
+        if r["device"] in MALICIOUS:
+            r["stake"] = str(int(r["stake"]) + 10 * sorted(MALICIOUS).index(r["device"]))
+    with (tmp_path / "stakes.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=STAKE_COLS)
+        w.writeheader()
+        w.writerows(rows)
+    plotter = _Plotter()
+    build_report(tmp_path, plotter=plotter)
+    assert plotter.legends["stakes.png"][2:] == ["d03 (malicious)", "d11 (malicious)", "d17 (malicious)"]
+    img = imread(tmp_path / "stakes.png")
+    for color in ("tab:red", "tab:orange", "tab:purple"):
+        assert line_columns(img, color) > 400
