@@ -168,9 +168,11 @@ class Agent:
             except ComputeError as exc:
                 log.error("%s: %s", self.me, exc)
         self.mqtt.subscribe(f"{PREFIX}/+/genesis", f"{PREFIX}/+/cmd/{self.me}")
+        online = [(device_topic(self.me, "status"), self._signed_status("online")), (device_topic(self.me, "hello"), self._hello())]
+        self.mqtt.reannounce = online  # after a reconnection too: the broker said "offline" for us meanwhile
         self.mqtt.connect()
-        self.mqtt.publish(device_topic(self.me, "status"), self._signed_status("online"), retain=True)
-        self.mqtt.publish(device_topic(self.me, "hello"), self._hello(), retain=True)
+        for t, payload in online:
+            self.mqtt.publish(t, payload, retain=True)
         log.info("%s: connected to %s, capabilities %s", self.me, self.mqtt.url, ",".join(self.caps))
         try:
             while not self.stopped:

@@ -61,6 +61,10 @@ class Mqtt:
         self.rx_msgs = self.rx_bytes = 0  # delivered to us by the broker, since the start
         self.subscriptions: list[str] = []
         self.connected = threading.Event()
+        self.connects = 0
+        # retained (topic, payload)s published again after each reconnection: a device's
+        # "online" status (the broker published its will, "offline", when the link dropped)
+        self.reannounce: list[tuple[str, bytes]] = []
         self.observer = observer
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -138,6 +142,10 @@ class Mqtt:
             return
         if self.subscriptions:
             client.subscribe([(t, 1) for t in self.subscriptions])
+        self.connects += 1
+        if self.connects > 1:
+            for t, payload in self.reannounce:
+                client.publish(t, payload, qos=1, retain=True)
         self.connected.set()
         if self.observer is not None:
             self.observer.connection(True)

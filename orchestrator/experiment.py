@@ -41,6 +41,10 @@ class ExperimentError(Exception):
     """A one-line, actionable failure of the experiment set-up."""
 
 
+#: seconds the operator waits for a block every honest device reports but it did not receive,
+#: before it looks in the local agents' chain files
+MISSING_BLOCK_WAIT_S = 5.0
+
 #: seconds ``bfl run --external`` waits, once enough devices announced themselves but some
 #: trust another operator key, for others before it says so and stops
 OTHERS_GRACE_S = 3.0
@@ -904,19 +908,17 @@ class Experiment:
             while True:
                 obs.pump(0.25)
                 reported = set(obs.reports.get(j, {}))
+                if not (honest & reported) and honest <= obs.offline:
+                    raise ExperimentError(f"round {j}: every honest device went offline; see {self.out / 'agents'}")
                 # done when every device has reported, or went offline without doing so
                 if not (devices - reported - obs.offline):
                     break
-                if not (honest & reported) and honest <= obs.offline:
-                    raise ExperimentError("every honest device went offline; see the agent logs")
                 if time.monotonic() > end:
                     if reported & honest:
                         break
                     raise ExperimentError(f"round {j} did not finish within {round_budget}s; see {self.out / 'agents'}")
             now = time.monotonic()
-            res = obs.round_result(j, honest, now - t_prev)
-            if res is None:
-                raise ExperimentError(f"round {j}: the block the devices report is unknown to the observer")
+            res = self._round_result(j, honest, now - t_prev)
             t_prev = now
             self.results.append(res)
             self._log_round(res)
@@ -927,6 +929,46 @@ class Experiment:
             self.metrics.done(self.run_id)
         time.sleep(0.5)
         obs.pump(0.5)
+
+    def _round_result(self, j: int, honest: set[str], seconds: float) -> RoundResult:
+        """Round ``j`` from the honest devices' reports and the block they name. The block is
+        normally the one the operator saw published; if it missed it (a compact block whose
+        tx it never got, a message the broker dropped for it), it waits a little, then takes
+        the block from a local agent's chain file (it is verified with the rest of the chain
+        in :meth:`summary`)."""
+        obs = self.observer
+        assert obs is not None and self.genesis is not None
+        end = time.monotonic() + MISSING_BLOCK_WAIT_S
+        while True:
+            res = obs.round_result(j, honest, seconds)
+            if res is not None:
+                return res
+            heads = {r["head"] for d, r in obs.reports.get(j, {}).items() if d in honest}
+            if not heads:
+                raise ExperimentError(f"round {j}: no honest device reported it; see {self.out / 'agents'}")
+            for head in heads - set(obs.blocks):
+                blk = self._block_on_disk(head)
+                if blk is not None:
+                    obs.blocks[head] = blk
+            if time.monotonic() > end:
+                raise ExperimentError(
+                    f"round {j}: the devices report block {sorted(heads)[0][:12]}, which the operator never received "
+                    f"(dropped: {dict(obs.drops) or 'none'}); see {self.out / 'agents'}"
+                )
+            obs.pump(0.5)
+
+    def _block_on_disk(self, block_id: str):
+        if self.agents is None or self.genesis is None:
+            return None
+        for chain in sorted((self.out / "agents").glob(f"*/runs/{self.genesis.run}/chain.jsonl")):
+            for line in chain.read_bytes().split(b"\n"):  # read only: the agent may be appending
+                try:
+                    blk = from_json(parse(line))
+                except (CanonicalError, Drop):
+                    continue
+                if blk.id == block_id:
+                    return blk
+        return None
 
     def summary(self) -> dict:
         assert self.genesis is not None and self.observer is not None

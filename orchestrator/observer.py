@@ -244,6 +244,7 @@ class Observer:
         if key is None:
             raise Drop("unknown_sender", tp.device)
         check_signature(env, key)
+        self.offline.discard(tp.device)  # it speaks in the run: whatever a status said, it is there
         if tp.kind in ("block", "report") and not 1 <= env.round <= self.genesis.rounds:
             raise Drop("wrong_round", f"{tp.kind} of round {env.round}")
         if tp.kind == "ack":

@@ -442,3 +442,27 @@ def _bench_main(argv: list[str]) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     _bench_main(sys.argv[1:])
+
+
+def test_a_device_says_online_again_after_the_broker_published_its_will(any_broker, clients):
+    """The link drops (RST): the broker publishes the device's will, "offline"; the transport
+    reconnects by itself and re-publishes its announcements, so the operator does not go on
+    counting a live device as gone."""
+    from edge_agent.transport import Mqtt
+
+    watcher = clients(any_broker, "watcher")
+    watcher.subscribe("bfl/v1/devices/+/status", qos=1)
+    dev = Mqtt(any_broker, client_id="d08", will=("bfl/v1/devices/d08/status", b"offline"))
+    dev.reannounce = [("bfl/v1/devices/d08/status", b"online")]
+    dev.connect()
+    try:
+        dev.publish("bfl/v1/devices/d08/status", b"online", retain=True)
+        assert watcher.get().payload == b"online"
+        sock = dev.client.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)  # the network thread sees the link gone and reconnects
+        assert watcher.get(timeout=30).payload == b"offline"
+        assert watcher.get(timeout=30).payload == b"online"
+        assert dev.connects == 2
+    finally:
+        dev.close()

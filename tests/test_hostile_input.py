@@ -444,3 +444,51 @@ def test_a_hello_with_bad_caps_is_malformed(caps):
     body = {"run": "devices", "kind": "hello", "round": 0, "sender": "x1", "pubkey": key.public_hex, "caps": caps}
     with pytest.raises(Drop, match="malformed"):
         Observer(FakeMqtt())._on(device_topic("x1", "hello"), sign(key, body).payload())
+
+
+# ---- an operator that missed something --------------------------------------------------
+
+
+def test_a_device_marked_offline_counts_again_once_it_speaks_in_the_run(net):
+    """A status "offline" (a will the broker published while the device reconnected) does not
+    keep a device that goes on signing run messages out of the round; a forged run message
+    in its name does not bring it back."""
+    obs = observer_of(net, feed=False)
+    obs._on(device_topic("d01", "status"), signed_announcement(net.keys["d01"], "d01", "status"))
+    assert obs.offline == {"d01"}
+    mine = [p for p in net.published if p.topic.split("/")[3] in ("head", "report") and p.topic.endswith("/d01")]
+    forged = sign(KeyPair.generate(), {**decode(mine[0].payload).body}).payload()
+    with pytest.raises(Drop, match="bad_signature"):
+        obs._on(mine[0].topic, forged)
+    assert obs.offline == {"d01"}
+    obs._on(mine[0].topic, mine[0].payload)
+    assert not obs.offline
+
+
+def test_the_operator_takes_a_block_it_missed_from_a_local_agents_chain(net, tmp_path, monkeypatch):
+    """Every block message of round 2 lost on the way to the operator: the honest devices'
+    reports name the block, and the operator reads it from a local agent's chain file (read
+    only, while the agent may be appending); the chain it then replays is the devices'. With
+    no such file it stops with a line naming the block, not an unexplained failure."""
+    import orchestrator.experiment as ex
+    from orchestrator.experiment import ExperimentError
+
+    monkeypatch.setattr(ex, "MISSING_BLOCK_WAIT_S", 0.3)
+    committed = net.committed["d00"]
+    obs = observer_of(net, feed=False)
+    for p in net.published:
+        kind = p.topic.split("/")[3]
+        if kind in RUN_KINDS and not (kind == "block" and decode(p.payload).round == 2):
+            obs._on(p.topic, p.payload)
+    exp = Experiment(RunConfig(devices=8, roles=(4, 2, 2), rounds=3, run_id=net.genesis.run, out=tmp_path))
+    exp.genesis, exp.observer, exp.malicious = net.genesis, obs, ["d03"]
+    honest = set(net.genesis.device_ids) - {"d03"}
+    with pytest.raises(ExperimentError, match=f"round 2: the devices report block {committed[1].id[:12]}, which the operator never received"):
+        exp._round_result(2, honest, 1.0)
+    exp.agents = object()  # local agents: their chain files are under OUT/agents
+    chain = tmp_path / "agents" / "d05" / "runs" / net.genesis.run / "chain.jsonl"
+    chain.parent.mkdir(parents=True)
+    chain.write_bytes(b"".join(b.payload() + b"\n" for b in committed) + b'{"torn')  # (an append in progress)
+    res = exp._round_result(2, honest, 1.0)
+    assert res.block_hash == committed[1].id and chain.read_bytes().endswith(b'{"torn')
+    assert [b.id for b in obs.chain(3, honest)] == [b.id for b in committed]
