@@ -430,7 +430,10 @@ def reproduce(
         20, help="Devices per run: the paper's 20, or another number with the paper's role splits and malicious "
         "counts scaled in proportion (12/5/3 -> 24/10/6 for 40)."
     ),
-    broker: Optional[str] = typer.Option(None, help="mqtt://HOST:PORT (default: one embedded broker for all runs)."),
+    broker: Optional[str] = typer.Option(
+        None, help="mqtt://HOST:PORT of an existing broker, or 'embedded' (default: each run its own local Mosquitto "
+        "when installed, as `bfl run` does, else the embedded amqtt)."
+    ),
     out: Optional[Path] = typer.Option(
         None, help="Output folder, new or empty (default: a new results/TIME-EXPERIMENT-PROFILE, results/latest pointing at it)."
     ),
@@ -481,8 +484,9 @@ def reproduce(
         fail(f"{exc}" if devices == PAPER_DEVICES else f"--devices {devices}: {exc}")
     emb = None
     t0 = time.monotonic()
+    failed: list[str] = []
     try:
-        if broker is None:
+        if broker == "embedded":  # one for all the runs
             from broker import EmbeddedBroker
 
             emb = EmbeddedBroker()
@@ -492,7 +496,13 @@ def reproduce(
         for rep in range(n_rep):
             for i, p in enumerate(runs, 1):
                 typer.echo(f"[{i}/{len(runs)} repeat {rep}] {p.setting} {p.protocol}, {p.malicious} malicious")
-                run_planned(base, p, rep, out, log=typer.echo)
+                try:
+                    run_planned(base, p, rep, out, log=typer.echo)
+                except ExperimentError as exc:  # the sweep goes on; this run's rows stay out of the CSVs
+                    typer.echo(f"  FAILED: {exc}")
+                    failed.append(f"{p.setting} {p.protocol} repeat {rep}")
+        if len(failed) == n_rep * len(runs):
+            fail(f"every run failed ({'; '.join(failed[:3])}); see {out / 'runs'}")
         paths = build_report(out, experiment)
     except (ExperimentError, ReportError) as exc:
         fail(str(exc))
@@ -506,6 +516,9 @@ def reproduce(
     typer.echo(f"wall time {time.monotonic() - t0:.0f}s")
     for p in paths:
         typer.echo(f"wrote {p}")
+    if failed:
+        fail(f"{len(failed)} of {n_rep * len(runs)} runs failed and are left out of the report: {'; '.join(failed)} "
+             f"(their summary.json in {out / 'runs'} says why)")  # fmt: skip
 
 
 @app.command()

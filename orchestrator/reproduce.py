@@ -1,7 +1,9 @@
 """`bfl reproduce`: regenerate the paper's Table 4 and Figs. 6-8 on the testbed.
 
-Every run is a real experiment: agents, broker, signatures, training, ONNX validation. The
-runs of one command share one broker. Each appends its rows to OUT/rounds.csv and
+Every run is a real experiment: agents, broker, signatures, training, ONNX validation. Each
+run starts its own local Mosquitto, as `bfl run` does (``--broker`` names a shared one, or
+``embedded`` for one amqtt broker inside the process for all runs). A run that fails is
+reported and left out; the sweep goes on. Each appends its rows to OUT/rounds.csv and
 OUT/stakes.csv as soon as it ends, so an interrupted sweep keeps what it measured, and
 `bfl report OUT` rebuilds the tables and plots from those files.
 
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .experiment import Experiment, RunConfig
+from .experiment import Experiment, ExperimentError, RunConfig
 
 ROUND_FIELDS = [
     "experiment", "setting", "protocol", "malicious", "repeat", "round", "accuracy", "accepted",
@@ -135,11 +137,18 @@ def run_planned(base: RunConfig, p: Planned, repeat: int, out: Path, log=print) 
         run_id=None,
     )
     exp = Experiment(cfg, log=lambda m: None)
+    stopped = True
     try:
         exp.setup()
         exp.publish_genesis(exp.start_agents())
         t0 = time.monotonic()
-        exp.watch(lambda r: log(f"    round {r.round:3d}  acc {r.accuracy:6.2f}%  rejected {','.join(r.rejected) or '-'}"))
+        try:
+            exp.watch(lambda r: log(f"    round {r.round:3d}  acc {r.accuracy:6.2f}%  rejected {','.join(r.rejected) or '-'}"))
+        except ExperimentError as exc:
+            if exp.results:  # what it finished is kept, in its own folder
+                exp.write_summary(stopped=str(exc))
+            raise
+        stopped = False
         exp.write_summary()
         rounds, stakes = exp.csv_rows(p.experiment, p.setting, repeat)
         for row in rounds:
@@ -150,5 +159,5 @@ def run_planned(base: RunConfig, p: Planned, repeat: int, out: Path, log=print) 
         _append(out / "stakes.csv", STAKE_FIELDS, stakes)
         log(f"  done in {time.monotonic() - t0:.0f}s")
     finally:
-        exp.close()
+        exp.close(stopped)
     return exp
