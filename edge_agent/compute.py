@@ -451,6 +451,9 @@ class TrainerService:
             del data
             reply, out = read_frame(w.sock)
         except (OSError, EOFError, ValueError) as exc:
+            if self.stopped.is_set():  # the service is stopping and closed its workers: not a death
+                reply, out = {"ok": False, "error": "the trainer service is stopping"}, {}
+                return reply, out
             log.error("trainer: a %s worker died (%s); starting another", pool.device, exc)
             w.close(kill=True)
             old, [w] = w, self._spawn(pool.device)
@@ -465,6 +468,7 @@ class TrainerService:
         return reply, out
 
     def close(self) -> None:
+        self.stopped.set()  # (jobs still running see their worker go: no replacement is started)
         for pool in self.pools.values():
             for w in pool.workers:
                 w.close()
