@@ -131,6 +131,9 @@ def _terminate_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    # and Ctrl-C is Ctrl-C even when bfl was started with SIGINT ignored (a background job of
+    # a script): Python then installs no handler of its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @app.command()
