@@ -45,8 +45,8 @@ class ExperimentError(Exception):
 #: before it looks in the local agents' chain files
 MISSING_BLOCK_WAIT_S = 5.0
 
-#: seconds ``bfl run --external`` waits, once enough devices announced themselves but some
-#: trust another operator key, for others before it says so and stops
+#: seconds ``bfl run --external`` waits, once enough devices announced themselves and all of
+#: them trust another operator key, for others before it says so and stops
 OTHERS_GRACE_S = 3.0
 
 
@@ -682,7 +682,9 @@ class Experiment:
                 ready = {d for d in obs.hellos if d not in obs.offline} - set(others)
                 if len(ready) >= cfg.devices:
                     break
-                if others and len(ready) + len(others) >= cfg.devices:
+                # every device there trusts another key: this operator's key is the mistake (on a
+                # broker shared with another operator's devices, some of them are not)
+                if others and not ready and len(others) >= cfg.devices:
                     others_since = others_since or time.monotonic()
                     if time.monotonic() - others_since > OTHERS_GRACE_S:
                         raise ExperimentError(self._operator_mismatch(others))
@@ -693,6 +695,7 @@ class Experiment:
                 raise ExperimentError(
                     f"only {len(ready)} of {cfg.devices} devices announced themselves within {cfg.join_timeout:.0f}s"
                     + (f" (missing: {', '.join(missing[:8])})" if missing else "")
+                    + (f"; besides, {self._operator_mismatch(others)}" if others else "")
                 )
         if wanted is not None:
             return {d: {"pubkey": wanted[d], "caps": obs.hellos[d]["caps"]} for d in sorted(wanted)}

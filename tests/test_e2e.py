@@ -403,12 +403,14 @@ def test_killed_agent_restarts_from_disk_and_catches_up(tmp_path, mosquitto_brok
     assert log.count("joined run") == 2  # joined, was killed, rejoined from its chain on disk
 
 
-@pytest.mark.parametrize("given", ["public", "another"])
+@pytest.mark.parametrize("given", ["public", "another", "shared"])
 def test_an_operator_key_the_devices_reject_is_reported_within_seconds(given, tmp_path, mosquitto_broker):
     """Three real devices trust the operator's public key. `bfl run --external` given that
     public key file as --operator-key (the same 64-hex format as a secret one), or another
     operator's secret key, would publish a genesis they all drop; it says so in one line, a
-    few seconds after they announced themselves, instead of waiting."""
+    few seconds after they announced themselves, instead of waiting. On a broker shared with
+    another operator's devices ("shared": one device of its own is there too) it waits for
+    its own devices as long as --join-timeout says, and then names the others as well."""
     import time
 
     from edge_agent.protocol.crypto import KeyPair
@@ -416,20 +418,23 @@ def test_an_operator_key_the_devices_reject_is_reported_within_seconds(given, tm
     operator = KeyPair.generate()
     (tmp_path / "operator.pub").write_text(operator.public_hex + "\n")
     KeyPair.generate().save(tmp_path / "other.key")
+    trust = {"x0": operator.public_hex, "x1": operator.public_hex, "x2": operator.public_hex}
+    if given == "shared":
+        trust["y0"] = KeyPair.load(tmp_path / "other.key").public_hex
     agents = []
-    for dev in ("x0", "x1", "x2"):
+    for dev, operator_pub in trust.items():
         KeyPair.generate().save(tmp_path / f"{dev}.key")
         agents.append(subprocess.Popen(
             [sys.executable, "-m", "edge_agent.cli", "run", "--id", dev, "--key", str(tmp_path / f"{dev}.key"),
-             "--broker", mosquitto_broker, "--operator-key", operator.public_hex, "--workdir", str(tmp_path / dev)],
+             "--broker", mosquitto_broker, "--operator-key", operator_pub, "--workdir", str(tmp_path / dev)],
             stdout=open(tmp_path / f"{dev}.log", "ab"), stderr=subprocess.STDOUT,
         ))  # fmt: skip
     try:
         key = tmp_path / ("operator.pub" if given == "public" else "other.key")
         t0 = time.monotonic()
-        proc = bfl("run", "--external", "--broker", mosquitto_broker, "--devices", "3", "--roles", "1,1,1", "--model", "mlp",
-                   "--dataset", "fashion-mnist", "--operator-key", str(key), "--out", str(tmp_path / "run"), "--quiet",
-                   "--metrics-port", "0", timeout=120)  # fmt: skip
+        proc = bfl("run", "--external", "--broker", mosquitto_broker, "--devices", str(len(trust)), "--roles", "1,1,1",
+                   "--model", "mlp", "--dataset", "fashion-mnist", "--operator-key", str(key), "--out", str(tmp_path / "run"),
+                   "--quiet", "--metrics-port", "0", "--join-timeout", "20", timeout=120)  # fmt: skip
         took = time.monotonic() - t0
     finally:
         for a in agents:
@@ -437,6 +442,11 @@ def test_an_operator_key_the_devices_reject_is_reported_within_seconds(given, tm
             a.wait(20)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
+    if given == "shared":
+        assert len(lines) == 1 and lines[0].startswith("error: only 1 of 4 devices announced themselves within 20s"), proc.stderr
+        assert f"besides, --operator-key {key}: devices x0, x1, x2 trust the operator key {operator.public_hex[:16]}" in lines[0]
+        assert took >= 20
+        return
     assert len(lines) == 1 and lines[0].startswith(f"error: --operator-key {key}: "), proc.stderr
     assert "x0, x1, x2 trust the operator key " + operator.public_hex[:16] in lines[0]
     if given == "public":
