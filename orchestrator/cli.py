@@ -420,7 +420,28 @@ def data_fetch(
 
 
 @app.command()
+def _load_sweep(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
+    """``bfl reproduce --resume OUT``: the stopped sweep's own settings (OUT/reproduce.toml)."""
+    if value is None:
+        return value
+    import tomllib
+
+    try:
+        settings = tomllib.loads((value / SWEEP_FILE).read_text())
+    except FileNotFoundError:
+        fail(f"--resume {value}: not the folder of a `bfl reproduce` (it has no {SWEEP_FILE})")
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        fail(f"--resume {value}: cannot read its {SWEEP_FILE} ({exc})")
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    return value
+
+
+SWEEP_FILE = "reproduce.toml"  # a sweep's settings, in its folder: `bfl reproduce --resume` reads them
+
+
+@app.command()
 def reproduce(
+    ctx: typer.Context,
     experiment: str = typer.Argument(..., help="table4 | fig6 | fig7 | fig8"),
     profile: str = typer.Option("quick", help="paper (CNN, MNIST, 100 rounds, 3 repeats) | quick (MLP, Fashion-MNIST)."),
     repeats: Optional[int] = typer.Option(None, help="Repeats per setting (default: the profile's)."),
@@ -442,11 +463,22 @@ def reproduce(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete what an earlier invocation left in --out first."),
     seed: int = typer.Option(0, help="Seed of the first repeat (repeat r uses seed + r); the same seed repeats the runs."),
+    resume: Optional[Path] = typer.Option(
+        None, is_eager=True, callback=_load_sweep, metavar="OUT",
+        help="Continue the stopped sweep in OUT with its own settings: runs whose rows are in OUT/rounds.csv are "
+        "skipped, the run that was stopped goes on from its agents' chains, the rest run.",
+    ),  # fmt: skip
 ):
     """Regenerate a table or figure of the paper: runs, CSVs, Markdown table, PNG plots."""
+    if resume is not None:
+        for name in ctx.params:
+            if name not in ("resume", "broker") and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE":
+                fail(f"--resume continues the sweep as {resume / SWEEP_FILE} says; "
+                     f"{name if name == 'experiment' else '--' + name.replace('_', '-')} cannot change")  # fmt: skip
+
     from .experiment import ExperimentError, RunConfig
     from .report import ReportError, build_report
-    from .reproduce import EXPERIMENTS, PROFILES, plan, run_planned
+    from .reproduce import EXPERIMENTS, PROFILES, has_rows, plan, run_planned
 
     if experiment not in EXPERIMENTS:
         fail(f"unknown experiment {experiment!r}: choose one of {', '.join(EXPERIMENTS)}")
@@ -482,12 +514,22 @@ def reproduce(
         for p in runs:  # each setting's roles fit the devices and the block limit, before anything starts
             check_roles(replace(base, roles=p.roles))
         # each invocation its own folder: never appended to an earlier one's CSVs
-        out = run_folder(out, f"{experiment}-{profile}", overwrite, root=Path("results"))
+        if resume is None:
+            out = run_folder(out, f"{experiment}-{profile}", overwrite, root=Path("results"))
     except ExperimentError as exc:
         fail(f"{exc}" if devices == PAPER_DEVICES else f"--devices {devices}: {exc}")
+    if resume is None:
+        import tomli_w
+
+        kept = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(ctx.params.items())
+                if k not in ("out", "overwrite", "resume") and v is not None}  # fmt: skip
+        (out / SWEEP_FILE).write_text("# this sweep's settings: `bfl reproduce --resume FOLDER` continues it\n" + tomli_w.dumps(kept))
+    else:
+        out = resume
     emb = None
     t0 = time.monotonic()
     failed: list[str] = []
+    _terminate_as_interrupt()
     try:
         if broker == "embedded":  # one for all the runs
             from broker import EmbeddedBroker
@@ -499,8 +541,11 @@ def reproduce(
         for rep in range(n_rep):
             for i, p in enumerate(runs, 1):
                 typer.echo(f"[{i}/{len(runs)} repeat {rep}] {p.setting} {p.protocol}, {p.malicious} malicious")
+                if resume is not None and has_rows(out, p, rep, prof["rounds"]):
+                    typer.echo("  done before")
+                    continue
                 try:
-                    run_planned(base, p, rep, out, log=typer.echo)
+                    run_planned(base, p, rep, out, log=typer.echo, resume=resume is not None)
                 except ExperimentError as exc:  # the sweep goes on; this run's rows stay out of the CSVs
                     typer.echo(f"  FAILED: {exc}")
                     failed.append(f"{p.setting} {p.protocol} repeat {rep}")
@@ -511,7 +556,7 @@ def reproduce(
         fail(str(exc))
         return
     except KeyboardInterrupt:
-        fail(f"interrupted; finished runs are in {out}/rounds.csv (bfl report {out})")
+        fail(f"interrupted; finished runs are in {out}/rounds.csv (bfl report {out}); continue with: bfl reproduce --resume {out}")
         return
     finally:
         if emb is not None:

@@ -18,6 +18,8 @@ epochs, vh 0.08, r 1, 100 rounds, 3 repeats.
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -124,7 +126,33 @@ def _append(path: Path, fields: list[str], rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def run_planned(base: RunConfig, p: Planned, repeat: int, out: Path, log=print) -> Experiment:
+def run_dir(out: Path, p: Planned, repeat: int) -> Path:
+    return out / "runs" / f"{p.experiment}-{p.setting.replace(' ', '_').replace('/', '-')}-{p.protocol}-r{repeat}"
+
+
+def has_rows(out: Path, p: Planned, repeat: int, rounds: int) -> bool:
+    """Whether OUT/rounds.csv holds every round of this run (a resumed sweep skips it)."""
+    try:
+        with open(out / "rounds.csv", newline="") as f:
+            done = {int(r["round"]) for r in csv.DictReader(f)
+                    if (r["experiment"], r["setting"], r["protocol"], r["repeat"]) == (p.experiment, p.setting, p.protocol, str(repeat))}  # fmt: skip
+    except (OSError, KeyError, ValueError):
+        return False
+    return done >= set(range(1, rounds + 1))
+
+
+def _append_rows(out: Path, p: Planned, rounds: list[dict], stakes: list[dict]) -> None:
+    for row in rounds + stakes:
+        row["protocol"] = p.protocol
+    _append(out / "rounds.csv", ROUND_FIELDS, rounds)
+    _append(out / "stakes.csv", STAKE_FIELDS, stakes)
+
+
+def run_planned(base: RunConfig, p: Planned, repeat: int, out: Path, log=print, resume: bool = False) -> Experiment | None:
+    """One run of a sweep, its rows appended to OUT's CSVs when it ends. ``resume`` (``bfl
+    reproduce --resume``): a run that had begun goes on from its agents' chains
+    (``Experiment.resume_progress``); one that had finished but whose rows are missing gives
+    them from its folder; one that had not begun starts afresh."""
     protocol = "vanilla" if p.protocol == "fedavg-clean" else p.protocol
     cfg = replace(
         base,
@@ -133,12 +161,31 @@ def run_planned(base: RunConfig, p: Planned, repeat: int, out: Path, log=print) 
         malicious=p.malicious,
         malicious_ids=None,
         seed=base.seed + repeat,
-        out=out / "runs" / f"{p.experiment}-{p.setting.replace(' ', '_').replace('/', '-')}-{p.protocol}-r{repeat}",
+        out=run_dir(out, p, repeat),
         run_id=None,
     )
-    exp = Experiment(cfg, log=lambda m: None)
+    folder = cfg.out
+    resuming = resume and (folder / "genesis.json").exists()
+    if resuming:
+        try:
+            finished = json.loads((folder / "summary.json").read_text())
+        except (OSError, ValueError):
+            finished = {}
+        if finished.get("stopped", "") is None and len(finished.get("rounds", [])) == cfg.rounds:
+            from .report import rows_of_run
+
+            rounds, stakes = rows_of_run(folder)
+            ident = {"experiment": p.experiment, "setting": p.setting, "repeat": repeat}
+            _append_rows(out, p, [{**r, **ident} for r in rounds], [{**r, **ident} for r in stakes])
+            log("  finished before; its rows taken from its folder")
+            return None
+    elif folder.exists():
+        shutil.rmtree(folder)  # a run that had not begun: from the start
+    exp = Experiment(cfg, log=lambda m: None, resume=resuming)
     stopped = True
     try:
+        if resuming:
+            log(f"  resuming after round {exp.resume_progress()}")
         exp.setup()
         exp.publish_genesis(exp.start_agents())
         t0 = time.monotonic()
@@ -150,13 +197,7 @@ def run_planned(base: RunConfig, p: Planned, repeat: int, out: Path, log=print) 
             raise
         stopped = False
         exp.write_summary()
-        rounds, stakes = exp.csv_rows(p.experiment, p.setting, repeat)
-        for row in rounds:
-            row["protocol"] = p.protocol
-        for row in stakes:
-            row["protocol"] = p.protocol
-        _append(out / "rounds.csv", ROUND_FIELDS, rounds)
-        _append(out / "stakes.csv", STAKE_FIELDS, stakes)
+        _append_rows(out, p, *exp.csv_rows(p.experiment, p.setting, repeat))
         log(f"  done in {time.monotonic() - t0:.0f}s")
     finally:
         exp.close(stopped)

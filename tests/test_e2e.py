@@ -473,3 +473,28 @@ def test_reproduce_runs_a_figure_with_overrides(tmp_path, mosquitto_broker):
     summaries = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/summary.json"))]
     assert [(s["devices"], s["roles"], len(s["rounds"])) for s in summaries] == [(6, [4, 1, 1], 2)] * 3
     assert "VFL 1/6" in (out / "table.md").read_text() and (out / "accuracy.png").stat().st_size > 10_000
+
+    # the same sweep stopped by Ctrl-C in its second run, then `bfl reproduce --resume`: the
+    # first run is skipped, the second goes on from its agents' chains, the third runs; the
+    # CSVs end as the uninterrupted sweep's
+    again = tmp_path / "again"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "reproduce", "fig8", "--devices", "6", "--rounds", "2",
+                             "--samples-per-device", "100", "--local-epochs", "1", "--broker", mosquitto_broker, "--out", str(again)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    printed, firsts = [], 0
+    for line in proc.stdout:
+        printed.append(line)
+        firsts += line.strip().startswith("round   1")
+        if firsts == 2 and line.strip().startswith("round   1"):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 2 and f"continue with: bfl reproduce --resume {again}" in printed[-1], "".join(printed)
+    proc = bfl("reproduce", "--resume", str(again), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # (the second run resumed after its round 1; had its round 2 ended before the signal, it is done)
+    assert (proc.stdout.count("done before"), "resuming after round 1" in proc.stdout) in ((1, True), (2, False)), proc.stdout
+
+    def rows(path):
+        with open(path) as f:
+            return sorted(tuple(v for k, v in r.items() if k != "seconds") for r in csv.DictReader(f))
+
+    assert rows(again / "rounds.csv") == rows(out / "rounds.csv") and rows(again / "stakes.csv") == rows(out / "stakes.csv")
