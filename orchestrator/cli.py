@@ -419,7 +419,6 @@ def data_fetch(
     typer.echo(f"{name}: {len(ds.train_y)} training and {len(ds.test_y)} test images ready")
 
 
-@app.command()
 def _load_sweep(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Path]:
     """``bfl reproduce --resume OUT``: the stopped sweep's own settings (OUT/reproduce.toml)."""
     if value is None:

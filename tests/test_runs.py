@@ -100,7 +100,9 @@ def test_run_help_reads_in_panels_with_every_option_described_and_bfl_has_a_vers
                          env=env, timeout=60).stdout  # fmt: skip
     for panel in ("Experiment", "Data and model", "Attacks", "Defence", "Network and compute", "Metrics"):
         assert f"─ {panel}" in out, panel
-    run = typer.main.get_command(app).commands["run"]
+    commands = typer.main.get_command(app).commands
+    assert sorted(commands) == ["data", "report", "reproduce", "run", "show", "verify"]  # (no helper taken for one)
+    run = commands["run"]
     for param in run.params:
         if param.name == "help":
             continue
