@@ -89,7 +89,7 @@ def _apply_config(ctx: typer.Context, value: Path, what: str) -> None:
     for key, v in table.items():
         name = key.replace("-", "_")
         if name not in known:
-            fail(f"{what}: unknown setting {key!r}; the settings are `bfl run`'s options, e.g. devices = 20")
+            fail(f"{what}: unknown setting {key!r}; the settings are `bfl {ctx.command.name}`'s options, e.g. devices = 20")
         v = ",".join(str(x) for x in v) if isinstance(v, list) else v
         try:  # checked here so that a wrong value is one line naming the file (typer's own check: a usage box)
             runtime = getattr(known[name], "get_runtime_param", None)
@@ -102,14 +102,24 @@ def _apply_config(ctx: typer.Context, value: Path, what: str) -> None:
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
-def _write_config(path: Path, params: dict) -> None:
-    """OUT/config.toml: every setting this run used, so that ``bfl run --config`` repeats it."""
+def _write_config(path: Path, params: dict, header: str) -> None:
+    """Every setting this invocation used (OUT/config.toml: ``bfl run --config`` repeats it;
+    a sweep's reproduce.toml: ``bfl reproduce --resume`` continues it)."""
     import tomli_w
 
     kept = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(params.items())
             if k not in _NOT_IN_CONFIG and v is not None}  # fmt: skip
-    path.write_text("# the settings of this run: `bfl run --config THIS_FILE` repeats it (options given with it override)\n"
-                    + tomli_w.dumps(kept))  # fmt: skip
+    path.write_text(f"# {header}\n" + tomli_w.dumps(kept))
+
+
+def _refuse_changes(ctx: typer.Context, may_set: tuple[str, ...], what: str) -> None:
+    """``--resume``: one line for the first option given on the command line that is not
+    among ``may_set`` (``what`` says which file the settings come from)."""
+    params = {p.name: p for p in ctx.command.params}
+    for name in ctx.params:
+        if name not in may_set and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE":
+            given = name if params[name].param_type_name == "argument" else "--" + name.replace("_", "-")
+            fail(f"--resume continues {what}; {given} cannot change (start a new one for other settings)")
 
 
 #: `bfl run --help` groups its options in these panels
@@ -220,10 +230,7 @@ def run(
     if resume is not None:
         if config is not None:
             fail("--resume OUT takes the settings of OUT/config.toml; drop --config")
-        for name in ctx.params:
-            if name not in _RESUME_MAY_SET and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE":
-                fail(f"--resume continues the run as {resume / 'config.toml'} says; --{name.replace('_', '-')} cannot "
-                     "change (start a new run for other settings)")  # fmt: skip
+        _refuse_changes(ctx, _RESUME_MAY_SET, f"the run as {resume / 'config.toml'} says")
         if external:
             fail("--resume works with local agents; external devices continue when restarted with their workdir")
     from edge_agent.ml.data import DATASETS
@@ -328,7 +335,8 @@ def run(
     except ExperimentError as exc:
         fail(str(exc))
     if resume is None:
-        _write_config(cfg.out / "config.toml", ctx.params)
+        _write_config(cfg.out / "config.toml", ctx.params,
+                      "the settings of this run: `bfl run --config THIS_FILE` repeats it (options given with it override)")
     else:
         cfg.out = resume
     # plain text: no markup, so "[d03,d07]" (the rejected devices) is printed, not taken as a style
@@ -423,15 +431,9 @@ def _load_sweep(ctx: typer.Context, param, value: Optional[Path]) -> Optional[Pa
     """``bfl reproduce --resume OUT``: the stopped sweep's own settings (OUT/reproduce.toml)."""
     if value is None:
         return value
-    import tomllib
-
-    try:
-        settings = tomllib.loads((value / SWEEP_FILE).read_text())
-    except FileNotFoundError:
+    if not (value / SWEEP_FILE).is_file():
         fail(f"--resume {value}: not the folder of a `bfl reproduce` (it has no {SWEEP_FILE})")
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        fail(f"--resume {value}: cannot read its {SWEEP_FILE} ({exc})")
-    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    _apply_config(ctx, value / SWEEP_FILE, f"--resume {value}: its {SWEEP_FILE}")
     return value
 
 
@@ -470,10 +472,7 @@ def reproduce(
 ):
     """Regenerate a table or figure of the paper: runs, CSVs, Markdown table, PNG plots."""
     if resume is not None:
-        for name in ctx.params:
-            if name not in ("resume", "broker") and getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE":
-                fail(f"--resume continues the sweep as {resume / SWEEP_FILE} says; "
-                     f"{name if name == 'experiment' else '--' + name.replace('_', '-')} cannot change")  # fmt: skip
+        _refuse_changes(ctx, ("resume", "broker"), f"the sweep as {resume / SWEEP_FILE} says")
 
     from .experiment import ExperimentError, RunConfig
     from .report import ReportError, build_report
@@ -518,11 +517,7 @@ def reproduce(
     except ExperimentError as exc:
         fail(f"{exc}" if devices == PAPER_DEVICES else f"--devices {devices}: {exc}")
     if resume is None:
-        import tomli_w
-
-        kept = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(ctx.params.items())
-                if k not in ("out", "overwrite", "resume") and v is not None}  # fmt: skip
-        (out / SWEEP_FILE).write_text("# this sweep's settings: `bfl reproduce --resume FOLDER` continues it\n" + tomli_w.dumps(kept))
+        _write_config(out / SWEEP_FILE, ctx.params, "this sweep's settings: `bfl reproduce --resume FOLDER` continues it")
     else:
         out = resume
     emb = None
