@@ -41,8 +41,8 @@ class ExperimentError(Exception):
     """A one-line, actionable failure of the experiment set-up."""
 
 
-#: seconds the operator waits for a block every honest device reports but it did not receive,
-#: before it looks in the local agents' chain files
+#: seconds the operator waits for a block the honest devices report but it did not receive
+#: and no local agent's chain file holds (``Experiment._round_result``)
 MISSING_BLOCK_WAIT_S = 5.0
 
 #: seconds ``bfl run --external`` waits, once enough devices announced themselves and all of
@@ -431,14 +431,11 @@ class LocalAgents:
 def chain_rows(genesis: Genesis, blocks: list, rounds: list[dict], malicious, ident: dict) -> tuple[list[dict], list[dict]]:
     """The report's rows of one run: per round (accuracy, decisions, votes) and per device and
     round (stake), replaying ``blocks`` from the genesis; ``rounds`` are summary.json's."""
-    from edge_agent.protocol import ledger as lg
-    from edge_agent.protocol.messages import from_json
-
     mal = set(malicious)
     out_rounds, stakes = [], []
-    state = lg.genesis_state(genesis)
+    state = ledger.genesis_state(genesis)
     for res, blk in zip(rounds, blocks):
-        state, _ = lg.process_block(genesis, state, blk)
+        state, _ = ledger.process_block(genesis, state, blk)
         votes = [v for raw in blk.body["vtxs"] for v in from_json(raw).body["votes"]]
         out_rounds.append(
             {
@@ -539,7 +536,7 @@ class Experiment:
                 return KeyPair.load(path)
             key = KeyPair.generate()
         else:  # derived from the run id and this host's secret: a repeated run signs the same genesis
-            path = self.out / "keys" / "operator.key"
+            path = saved
             key = derived_key(self.run_id, "operator")
         key.save(path)
         return key
@@ -815,10 +812,9 @@ class Experiment:
                 f"--resume {out}: its genesis is of run {genesis.run}, but its config.toml gives run {self.run_id} (was config.toml edited?)"
             )
         done = self._finished_rounds()
-        by_id = {}
-        for chain in sorted((out / "agents").glob(f"*/runs/{genesis.run}/chain.jsonl")):
-            for blk in ChainStore(chain.parent.parent, genesis.run).load_blocks():
-                by_id.setdefault(blk.id, blk)
+        stores = [ChainStore(chain.parent.parent, genesis.run) for chain in sorted((out / "agents").glob(f"*/runs/{genesis.run}/chain.jsonl"))]
+        chains = [(store, store.load_blocks()) for store in stores]
+        by_id = {blk.id: blk for _, mine in chains for blk in mine}
         state, blocks = ledger.genesis_state(genesis), []
         for r in done:
             blk = by_id.get(r.get("block_hash"))
@@ -832,9 +828,7 @@ class Experiment:
         if len(blocks) >= genesis.rounds:
             raise ExperimentError(f"--resume {out}: the run finished all its {genesis.rounds} rounds; nothing to continue")
         ids = [b.id for b in blocks]
-        for chain in sorted((out / "agents").glob(f"*/runs/{genesis.run}/chain.jsonl")):
-            store = ChainStore(chain.parent.parent, genesis.run)
-            mine = store.load_blocks()
+        for store, mine in chains:
             keep = 0
             while keep < min(len(mine), len(ids)) and mine[keep].id == ids[keep]:
                 keep += 1
@@ -845,7 +839,7 @@ class Experiment:
         self.results = [RoundResult.from_json(r) for r in done[: len(blocks)]]
         self.settled = blocks  # (the observer's, from setup on)
         self.resumed_at.append(len(blocks))
-        self._truncate_rounds_log(len(blocks))
+        self._rewrite_rounds_log()
         self.log(f"resuming run {genesis.run} after round {len(blocks)} of {genesis.rounds} ({linked} model files linked back)")
         return len(blocks)
 
@@ -884,10 +878,10 @@ class Experiment:
                     n += 1
         return n
 
-    def _truncate_rounds_log(self, n: int) -> None:
-        lines = [r.as_json() for r in self.results[:n]]
+    def _rewrite_rounds_log(self) -> None:
+        """OUT/rounds.jsonl: the rounds a resumed run keeps, and no others."""
         tmp = self.out / f".{ROUNDS_LOG}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        tmp.write_text("".join(json.dumps(r.as_json()) + "\n" for r in self.results))
         os.replace(tmp, self.out / ROUNDS_LOG)
 
     def _log_round(self, res: RoundResult) -> None:
@@ -936,12 +930,14 @@ class Experiment:
     def _round_result(self, j: int, honest: set[str], seconds: float) -> RoundResult:
         """Round ``j`` from the honest devices' reports and the block they name. The block is
         normally the one the operator saw published; if it missed it (a compact block whose
-        tx it never got, a message the broker dropped for it), it waits a little, then takes
-        the block from a local agent's chain file (it is verified with the rest of the chain
-        in :meth:`summary`)."""
+        tx it never got, a message the broker dropped for it), it takes the block from a local
+        agent's chain file (an agent appends a block before it reports it; the block is
+        verified with the rest of the chain in :meth:`summary`), or else waits up to
+        ``MISSING_BLOCK_WAIT_S`` for it to arrive."""
         obs = self.observer
         assert obs is not None and self.genesis is not None
         end = time.monotonic() + MISSING_BLOCK_WAIT_S
+        looked: set[str] = set()  # heads already looked for on disk
         while True:
             res = obs.round_result(j, honest, seconds)
             if res is not None:
@@ -949,7 +945,8 @@ class Experiment:
             heads = {r["head"] for d, r in obs.reports.get(j, {}).items() if d in honest}
             if not heads:
                 raise ExperimentError(f"round {j}: no honest device reported it; see {self.out / 'agents'}")
-            for head in heads - set(obs.blocks):
+            for head in heads - set(obs.blocks) - looked:
+                looked.add(head)
                 blk = self._block_on_disk(head)
                 if blk is not None:
                     obs.blocks[head] = blk
