@@ -482,6 +482,20 @@ class _Plotter:
             f"{path.name}: {'; '.join(labels)} coincide (at most {100 * COINCIDE_FRACTION:g} % of the y-axis span "
             "apart at every round they share); drawn with interleaved dashes and distinct markers.")
 
+    def curve(self, ax, path: Path, i: int, xs, ys, color, kwargs: dict, names: list[str],
+              extra: CoincidentStyle | None, refs: list[str] | None = None) -> tuple[object, str]:
+        """Draw curve ``i`` of ``names`` (its label) on ``ax``; a coinciding one (``extra``) in
+        its own style, its label saying which it coincides with (by ``refs``, default the
+        names), and noted once per group for table.md. Returns its legend handle and label."""
+        text, refs = names[i], refs or names
+        if extra is not None:
+            kwargs = {**kwargs, **extra.kwargs}
+            text += f"\n(coincides with {', '.join(refs[j] for j in extra.others)})"
+            if i < min(extra.others):
+                self.note_coincidence(path, [refs[j] for j in sorted([i, *extra.others])])
+        (line,) = ax.plot(xs, ys, color=color, linewidth=1.8, label=text, **kwargs)
+        return (line if extra is None else self.coincident_handle(color, extra, text)), text
+
     def coincident_handle(self, color, style: CoincidentStyle, label: str):
         """Legend entry of a coinciding curve: its colour and marker on a short-dashed line."""
         return self.Line2D([], [], color=color, linewidth=1.8, linestyle=(0, (2, 1)), marker=style.kwargs["marker"],
@@ -554,17 +568,12 @@ class _Plotter:
         max_round = 0
         repeats = set()
         labels, handles = [], []
+        names = [label(c) for c, _, _, _ in curves]
         for i, ((c, xs, means, per_round), extra) in enumerate(zip(curves, styles)):
             color, ls = style(c)
-            text = label(c)
             kwargs = {"linestyle": ls, "marker": "o" if len(xs) <= 15 else None, "markersize": 4}
-            if extra is not None:
-                kwargs.update(extra.kwargs)
-                text += f"\n(coincides with {', '.join(label(curves[j][0]) for j in extra.others)})"
-                if i < min(extra.others):
-                    self.note_coincidence(path, [label(curves[j][0]) for j in sorted([i, *extra.others])])
-            (line,) = ax.plot(xs, means, color=color, linewidth=1.8, label=text, **kwargs)
-            handles.append(line if extra is None else self.coincident_handle(color, extra, text))
+            handle, text = self.curve(ax, path, i, xs, means, color, kwargs, names, extra)
+            handles.append(handle)
             labels.append(text)
             if len(conds[c]) > 1:
                 ax.fill_between(xs, [min(per_round[x]) for x in xs], [max(per_round[x]) for x in xs],
@@ -630,18 +639,13 @@ class _Plotter:
             labels += [band, median]
         curves = [(sorted(run.stakes[d]), [run.stakes[d][x] for x in sorted(run.stakes[d])]) for d in bad]
         styles = coincidence_styles(curves, max(1.0, top - min(0, low)))
-        for i, (d, (xs, ys), extra) in enumerate(zip(bad, curves, styles)):
+        names = [f"{d} (malicious)" for d in bad]
+        for i, ((xs, ys), extra) in enumerate(zip(curves, styles)):
             color = MALICIOUS_COLORS[i % len(MALICIOUS_COLORS)]
             kwargs = {"linestyle": LINESTYLES[(i // len(MALICIOUS_COLORS)) % len(LINESTYLES)],
                       "marker": "o" if len(xs) <= 15 else None, "markersize": 4}
-            text = f"{d} (malicious)"
-            if extra is not None:
-                kwargs.update(extra.kwargs)
-                text += f"\n(coincides with {', '.join(bad[j] for j in extra.others)})"
-                if i < min(extra.others):
-                    self.note_coincidence(path, [bad[j] for j in sorted([i, *extra.others])])
-            (line,) = ax.plot(xs, ys, color=color, linewidth=1.8, label=text, **kwargs)
-            handles.append(line if extra is None else self.coincident_handle(color, extra, text))
+            handle, text = self.curve(ax, path, i, xs, ys, color, kwargs, names, extra, refs=bad)
+            handles.append(handle)
             labels.append(text)
         self.legends[path.name] = labels
         pad = 0.03 * max(1.0, top - min(0, low))  # lines at 0 stay clear of the axis
